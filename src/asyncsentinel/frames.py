@@ -1,0 +1,149 @@
+"""Culprit locations: which line of the user's code caused a finding.
+
+Frames are walked only when a finding fires (never on the hot path). "User code" is any file
+that is not part of the standard library, asyncsentinel itself, or the frameworks and drivers
+it instruments; the demo shop shipped inside the package counts as user code.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import sysconfig
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from types import FrameType
+
+# Distributions whose frames are never the culprit: the stack passes through them on its way
+# from the user's code to the database, the network or the event loop.
+_LIBRARY_PACKAGES = (
+    "aiohttp",
+    "aiosignal",
+    "aiosqlite",
+    "anyio",
+    "asyncpg",
+    "fastapi",
+    "greenlet",
+    "gunicorn",
+    "h11",
+    "httpcore",
+    "httptools",
+    "httpx",
+    "hypercorn",
+    "multidict",
+    "opentelemetry",
+    "prometheus_client",
+    "psycopg",
+    "psycopg2",
+    "pydantic",
+    "pydantic_core",
+    "sniffio",
+    "sqlalchemy",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "watchfiles",
+    "websockets",
+    "yarl",
+    "_pytest",
+    "pluggy",
+    "pytest_asyncio",
+)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_DEMO_DIR = os.path.join(_PACKAGE_DIR, "demo") + os.sep
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """A place in source code: ``file:line in function``."""
+
+    filename: str
+    lineno: int
+    function: str
+
+    def __str__(self) -> str:
+        return f"{self.filename}:{self.lineno} in {self.function}"
+
+    @property
+    def source_line(self) -> str:
+        """The stripped source text of the line, or '' when the file is not readable."""
+        return linecache.getline(self.filename, self.lineno).strip()
+
+
+def _library_dirs() -> tuple[str, ...]:
+    dirs = {
+        os.path.abspath(p) + os.sep
+        for key in ("stdlib", "platstdlib")
+        if (p := sysconfig.get_paths().get(key))
+    }
+    return tuple(sorted(dirs))
+
+
+_STDLIB_DIRS = _library_dirs()
+
+
+@lru_cache(maxsize=4096)
+def is_user_code(filename: str) -> bool:
+    """True when *filename* belongs to the application rather than a library or the runtime."""
+    if not filename or filename.startswith("<"):
+        return False  # <frozen ...>, <string>: runtime internals
+    path = os.path.abspath(filename)
+    if path.startswith(_DEMO_DIR):
+        return True
+    if path.startswith(_PACKAGE_DIR + os.sep):
+        return False
+    parts = path.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        idx = max(i for i, p in enumerate(parts) if p in ("site-packages", "dist-packages"))
+        top = parts[idx + 1] if idx + 1 < len(parts) else ""
+        top = top.removesuffix(".py")
+        return top not in _LIBRARY_PACKAGES and not top.startswith("_")
+    if any(path.startswith(d) for d in _STDLIB_DIRS):
+        return False
+    return True
+
+
+def location_of(frame: FrameType) -> Location:
+    """The location a live frame is currently at."""
+    code = frame.f_code
+    return Location(code.co_filename, frame.f_lineno or 0, code.co_qualname)
+
+
+def stack_of(frame: FrameType | None, limit: int = 64) -> tuple[Location, ...]:
+    """The stack ending at *frame*, outermost first (as tracebacks print it)."""
+    out: list[Location] = []
+    while frame is not None and len(out) < limit:
+        out.append(location_of(frame))
+        frame = frame.f_back
+    out.reverse()
+    return tuple(out)
+
+
+def current_stack(skip: int = 0, limit: int = 64) -> tuple[Location, ...]:
+    """The caller's stack (ending at the caller), outermost first.
+
+    *skip* drops that many more innermost frames (e.g. 1 to end at the caller's caller).
+    """
+    return stack_of(sys._getframe(skip + 1), limit)
+
+
+def user_culprit(stack: Iterable[Location]) -> Location | None:
+    """The innermost location in *stack* (outermost first) that is user code."""
+    for loc in reversed(tuple(stack)):
+        if is_user_code(loc.filename):
+            return loc
+    return None
+
+
+def format_stack(stack: Iterable[Location]) -> str:
+    """Format like :func:`traceback.format_stack`: ``File "...", line N, in f`` plus source."""
+    lines = []
+    for loc in stack:
+        lines.append(f'  File "{loc.filename}", line {loc.lineno}, in {loc.function}')
+        source = loc.source_line
+        if source:
+            lines.append(f"    {source}")
+    return "\n".join(lines)

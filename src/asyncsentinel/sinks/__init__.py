@@ -1,0 +1,1 @@
+"""Sinks: each knows one backend (Prometheus, OpenTelemetry, logging, memory)."""
