@@ -30,8 +30,15 @@ def serve(app: Any, *, loop: str = "asyncio", lifespan: str = "on") -> Iterator[
     (needed to observe blocked-loop incidents from outside). Yields the base URL.
     """
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, loop=loop, lifespan=lifespan,
-                            log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        loop=loop,
+        lifespan=lifespan,
+        log_level="warning",
+        access_log=False,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -66,7 +73,7 @@ def asyncpg_sqlalchemy_url(url: str) -> str:
     """``postgresql://...`` -> ``postgresql+asyncpg://...`` (Unix-socket ``?host=`` kept)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     return url
 
 

@@ -175,9 +175,14 @@ def _unknown_message(name: str, source: str, known: Mapping[str, Any]) -> str:
 def _error(f: dataclasses.Field[Any], source: str, value: object) -> ConfigError:
     rule: _Rule = f.metadata["rule"]
     env = ENV_PREFIX + f.name.upper()
+    origin = (
+        f"from environment variable {env}"
+        if source == env
+        else f"from keyword argument {f.name}=; also settable as {env}"
+    )
     return ConfigError(
-        f"asyncsentinel: invalid value {value!r} for setting {f.name!r} "
-        f"(from {source}; environment variable {env}): expected {rule.accepted}."
+        f"asyncsentinel: invalid value {value!r} for setting {f.name!r} ({origin}): "
+        f"expected {rule.accepted}."
     )
 
 
@@ -203,9 +208,9 @@ def _parse(f: dataclasses.Field[Any], text: str, *, source: str) -> Any:
             value = frozenset(p.strip() for p in stripped.split(",") if p.strip())
         else:
             value = stripped
-    except ValueError:
+        return _check(f, value, source=source)
+    except ValueError:  # ConfigError too: report the text as the user wrote it
         raise _error(f, source, text) from None
-    return _check(f, value, source=source)
 
 
 def _check(f: dataclasses.Field[Any], value: Any, *, source: str) -> Any:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asyncsentinel")
 
-# --- finding kinds (stable names: metrics, alerts and users' ignore lists rely on them) ------------
+# --- finding kinds (stable names: metrics, alerts and users' ignore lists rely on them) -----------
 N_PLUS_ONE = "n_plus_one"
 SLOW_QUERY = "slow_query"
 POOL_EXHAUSTED = "pool_exhausted"

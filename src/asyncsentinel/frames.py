@@ -101,9 +101,7 @@ def is_user_code(filename: str) -> bool:
         top = parts[idx + 1] if idx + 1 < len(parts) else ""
         top = top.removesuffix(".py")
         return top not in _LIBRARY_PACKAGES and not top.startswith("_")
-    if any(path.startswith(d) for d in _STDLIB_DIRS):
-        return False
-    return True
+    return not any(path.startswith(d) for d in _STDLIB_DIRS)
 
 
 def location_of(frame: FrameType) -> Location:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Kind = Literal["counter", "histogram", "gauge"]
+MultiprocessMode = Literal["livesum", "livemax", "livemin", "sum", "max", "min", "mostrecent"]
 
 # OpenTelemetry's recommended boundaries for http.server.request.duration.
 HTTP_DURATION_BUCKETS = (
@@ -82,7 +83,7 @@ class Instrument:
     documentation: str
     labels: tuple[str, ...] = ()
     buckets: tuple[float, ...] = ()
-    multiprocess_mode: str = "livesum"
+    multiprocess_mode: MultiprocessMode = "livesum"
     """How prometheus_client multiprocess mode combines the gauge across worker processes."""
 
 
@@ -115,7 +116,7 @@ INSTRUMENTATION_ERRORS = Instrument(
     ("component",),
 )
 
-# --- database client -------------------------------------------------------------------------------
+# --- database client ------------------------------------------------------------------------------
 DB_OPERATION_DURATION = Instrument(
     "db_client_operation_duration_seconds",
     "histogram",
@@ -176,7 +177,7 @@ DB_CONNECTION_CREATE_TIME = Instrument(
     WAIT_BUCKETS,
 )
 
-# --- event loop, tasks, thread pool ----------------------------------------------------------------
+# --- event loop, tasks, thread pool ---------------------------------------------------------------
 EVENT_LOOP_LAG = Instrument(
     "asyncsentinel_event_loop_lag_seconds",
     "histogram",
@@ -213,7 +214,7 @@ THREAD_POOL_MAX = Instrument(
     multiprocess_mode="livesum",
 )
 
-# --- HTTP client (aiohttp) -------------------------------------------------------------------------
+# --- HTTP client (aiohttp) ------------------------------------------------------------------------
 HTTP_CLIENT_REQUEST_DURATION = Instrument(
     "http_client_request_duration_seconds",
     "histogram",

@@ -144,7 +144,7 @@ class Sentinel:
         """The ``/metrics`` body and content type for this sentinel's registry."""
         return render_metrics(self.registry, accept)
 
-    # --- requests (called by the middleware) -------------------------------------------------------
+    # --- requests (called by the middleware) ------------------------------------------------------
     def begin_request(self, scope: MutableMapping[str, Any]) -> RequestState | None:
         """Start tracking an HTTP request; ``None`` if asyncsentinel itself failed."""
         try:

@@ -64,5 +64,8 @@ class LogSink:
                 self._seen.popitem(last=False)
         text = format_finding(finding)
         if suppressed:
-            text += f"\n({suppressed} identical findings were not logged in the last {self._interval:g}s)"
+            text += (
+                f"\n({suppressed} identical findings were not logged "
+                f"in the last {self._interval:g}s)"
+            )
         self._log.log(level, "%s", text, extra={"asyncsentinel": finding.as_dict()})

@@ -14,7 +14,7 @@ the rest are namespaced ``asyncsentinel.*``.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from opentelemetry import trace
@@ -127,7 +127,7 @@ class ServerSpans:
 
         self._tracer = tracer
         self._context = otel_context
-        self._extract = propagate.extract
+        self._extract: Callable[..., Any] = propagate.extract
         self._getter = asgi_getter
 
     def start(self, scope: MutableMapping[str, Any], method: str) -> tuple[Span, object]:

@@ -27,9 +27,7 @@ _families_lock = threading.Lock()
 
 def multiprocess_enabled() -> bool:
     """True when prometheus_client's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR``)."""
-    return bool(
-        os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
-    )
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 def _build(instrument: Instrument, registry: CollectorRegistry) -> Any:
@@ -40,7 +38,7 @@ def _build(instrument: Instrument, registry: CollectorRegistry) -> Any:
         return Histogram(name, doc, labels, registry=registry, buckets=instrument.buckets)
     return Gauge(
         name, doc, labels, registry=registry, multiprocess_mode=instrument.multiprocess_mode
-    )  # type: ignore[arg-type]
+    )
 
 
 def families_for(registry: CollectorRegistry) -> dict[str, Any]:
