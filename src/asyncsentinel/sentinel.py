@@ -24,7 +24,9 @@ from asyncsentinel.sources import Source
 
 # Built-in sources: (setting that switches it on, module, class). Imported only when enabled,
 # so an optional library that is missing fails in its own module with a message naming it.
-BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = ()
+BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = (
+    ("aiohttp", "asyncsentinel.sources.aiohttp", "AiohttpSource"),
+)
 
 # HTTP methods are a label: anything else is folded into "_OTHER" as the conventions say.
 _KNOWN_METHODS = frozenset(
