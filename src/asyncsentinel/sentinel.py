@@ -26,6 +26,7 @@ from asyncsentinel.sources import Source
 # so an optional library that is missing fails in its own module with a message naming it.
 BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("aiohttp", "asyncsentinel.sources.aiohttp", "AiohttpSource"),
+    ("sqlalchemy", "asyncsentinel.sources.sqlalchemy_sessions", "SQLAlchemySessionSource"),
 )
 
 # HTTP methods are a label: anything else is folded into "_OTHER" as the conventions say.
