@@ -26,6 +26,8 @@ from asyncsentinel.sources import Source
 # so an optional library that is missing fails in its own module with a message naming it.
 BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("aiohttp", "asyncsentinel.sources.aiohttp", "AiohttpSource"),
+    ("sqlalchemy", "asyncsentinel.sources.sqlalchemy", "SQLAlchemySource"),
+    ("sqlalchemy", "asyncsentinel.sources.asyncpg", "AsyncpgSource"),
     ("sqlalchemy", "asyncsentinel.sources.sqlalchemy_sessions", "SQLAlchemySessionSource"),
 )
 

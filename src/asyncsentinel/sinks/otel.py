@@ -165,9 +165,10 @@ class ServerSpans:
             if error is not None and not isinstance(error, Exception):
                 pass  # cancellation/exit of the server task: not an application error
             elif error is not None:
-                span.record_exception(error)
+                # Only the type: exception messages (database errors above all) can carry
+                # literal values, and no SQL parameter value may leave the process.
                 span.set_attribute("error.type", type(error).__qualname__)
-                span.set_status(Status(StatusCode.ERROR, str(error)))
+                span.set_status(Status(StatusCode.ERROR))
             elif state.status_code >= 500:
                 span.set_attribute("error.type", str(state.status_code))
                 span.set_status(Status(StatusCode.ERROR))

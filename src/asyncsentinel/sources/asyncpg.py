@@ -1,0 +1,351 @@
+"""asyncpg source: pool metrics and findings for asyncpg pools used directly (without SQLAlchemy).
+
+``sentinel.instrument_asyncpg_pool(pool, name=...)`` registers a pool (SQLAlchemy's asyncpg
+dialect is covered by the SQLAlchemy source). For it asyncsentinel records the
+``db_client_connection_*`` metrics and reports ``pool_exhausted`` (an acquire that waited longer
+than ``pool_wait_seconds`` or hit its ``timeout=``), ``connection_leaked`` (acquired during a
+request, still out ``connection_leak_seconds`` after it) and ``pool_not_disposed`` (not closed
+at shutdown).
+
+``asyncpg.Pool`` has ``__slots__`` and no hooks, so three of its methods are wrapped at class
+level (``functools.wraps``; originals restored on uninstall; pools nobody registered pass straight
+through): ``release`` (public) and the private ``_acquire`` and ``_get_new_connection``, which
+every acquire path (``acquire()``, ``fetch()``, ``execute()``...) and every new connection go
+through. Used/idle levels come from the public ``get_size()``/``get_idle_size()``, so they are
+exact. Whether a connection was taken back without ``release()`` (closed instead) is read from
+the pool proxy's private ``_con``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from asyncpg.pool import Pool
+
+from asyncsentinel.config import Settings
+from asyncsentinel.context import current_request
+from asyncsentinel.findings import POOL_NOT_DISPOSED, Dispatcher, Finding
+from asyncsentinel.frames import Location, current_stack, is_user_code, location_of
+from asyncsentinel.sources import Source
+from asyncsentinel.sources.database import (
+    MAX_CHECKOUTS_PER_REQUEST,
+    MAX_NAME_CHARS,
+    Checkout,
+    DatabaseMonitor,
+    PoolStats,
+)
+
+_perf_ns = time.perf_counter_ns
+
+
+class _PoolEntry:
+    """A registered pool, its stats and its connections out (by id of the pool proxy)."""
+
+    __slots__ = ("acquiring", "out", "pool", "stats")
+
+    def __init__(self, pool: Pool, stats: PoolStats) -> None:
+        self.pool = pool
+        self.stats = stats
+        self.out: dict[int, Checkout] = {}
+        self.acquiring: dict[asyncio.Task[Any] | None, int] = {}
+        """Tasks inside an acquire -> nanoseconds they spent opening new connections."""
+
+
+def default_pool_name(pool: Pool) -> str:
+    """``postgresql://host:port/database`` from the pool's connect arguments, no credentials."""
+    args = getattr(pool, "_connect_args", None) or ()
+    kwargs = getattr(pool, "_connect_kwargs", None) or {}
+    dsn = args[0] if args and isinstance(args[0], str) else kwargs.get("dsn")
+    host, port, database = kwargs.get("host"), kwargs.get("port"), kwargs.get("database")
+    if isinstance(dsn, str) and "://" in dsn:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        host = host or parts.hostname or _first(query.get("host"))
+        port = port or parts.port or _first(query.get("port"))
+        database = database or parts.path.lstrip("/") or _first(query.get("dbname"))
+    if isinstance(host, list | tuple):
+        host = host[0] if host else None
+    netloc = f"{host or ''}:{port}" if port else str(host or "")
+    name = f"postgresql://{netloc}" + (f"/{database}" if database else "")
+    return name[:MAX_NAME_CHARS]
+
+
+def _first(values: list[str] | None) -> str | None:
+    return values[0] if values else None
+
+
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _stack_here() -> tuple[Location, ...]:
+    """The caller's stack without asyncsentinel's own frames at the inner end."""
+    stack = list(current_stack(skip=1))
+    while stack and stack[-1].filename.startswith(_OWN_DIR):
+        stack.pop()
+    return tuple(stack)
+
+
+def _culprit_here() -> Location | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if is_user_code(frame.f_code.co_filename):
+            return location_of(frame)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+_ACTIVE: list[AsyncpgSource] = []
+_ORIGINALS: dict[str, Any] = {}
+_WRAPPERS: dict[str, Any] = {}
+
+
+def _entry(pool: Pool) -> tuple[AsyncpgSource, _PoolEntry] | None:
+    for source in _ACTIVE:
+        entry = source.entries.get(id(pool))
+        if entry is not None and entry.pool is pool:
+            return source, entry
+    return None
+
+
+def _patch_pool() -> None:
+    if _ORIGINALS:
+        return
+    original_acquire = Pool.__dict__["_acquire"]
+    original_release = Pool.__dict__["release"]
+    original_new_connection = Pool.__dict__["_get_new_connection"]
+
+    @functools.wraps(original_acquire)
+    async def _acquire(self: Pool, timeout: float | None) -> Any:
+        found = _entry(self)
+        if found is None:
+            return await original_acquire(self, timeout)
+        source, entry = found
+        return await source.acquire(entry, functools.partial(original_acquire, self, timeout))
+
+    @functools.wraps(original_release)
+    async def release(self: Pool, connection: Any, *, timeout: float | None = None) -> Any:
+        found = _entry(self)
+        if found is None:
+            return await original_release(self, connection, timeout=timeout)
+        # Account before the original: it hands the connection to the next waiter, which runs
+        # before this coroutine resumes.
+        found[0].releasing(found[1], connection)
+        try:
+            return await original_release(self, connection, timeout=timeout)
+        finally:
+            found[0].released(found[1])
+
+    @functools.wraps(original_new_connection)
+    async def _get_new_connection(self: Pool) -> Any:
+        found = _entry(self)
+        start = _perf_ns()
+        connection = await original_new_connection(self)
+        if found is not None:
+            found[0].connection_created(found[1], (_perf_ns() - start) / 1e9)
+        return connection
+
+    _ORIGINALS.update(
+        _acquire=original_acquire,
+        release=original_release,
+        _get_new_connection=original_new_connection,
+    )
+    _WRAPPERS.update(_acquire=_acquire, release=release, _get_new_connection=_get_new_connection)
+    for name, wrapper in _WRAPPERS.items():
+        setattr(Pool, name, wrapper)
+
+
+def _unpatch_pool() -> None:
+    for name, original in _ORIGINALS.items():
+        if Pool.__dict__.get(name) is _WRAPPERS[name]:
+            setattr(Pool, name, original)
+    _ORIGINALS.clear()
+    _WRAPPERS.clear()
+
+
+class AsyncpgSource(Source):
+    """Observes registered ``asyncpg.Pool`` objects: checkouts, waits, timeouts and leaks.
+
+    Per-request work (leak checks of connections acquired during a request) is completed by the
+    SQLAlchemy source's ``request_finished``, which the same setting switches on.
+    """
+
+    name = "asyncpg"
+
+    def __init__(self, settings: Settings, dispatcher: Dispatcher) -> None:
+        super().__init__(settings, dispatcher)
+        self.monitor = DatabaseMonitor.shared(settings, dispatcher)
+        self.entries: dict[int, _PoolEntry] = {}
+        self._wait_limit = settings.pool_wait_seconds
+        self._installed = False
+
+    def install(self) -> None:
+        if self._installed:
+            return
+        _ACTIVE.append(self)
+        _patch_pool()
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        self._installed = False
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if not _ACTIVE:
+            _unpatch_pool()
+        self.monitor.cancel_leak_checks()
+        self.entries.clear()
+
+    def instrument_pool(self, pool: Any, name: str | None = None) -> str:
+        """Observe an ``asyncpg.Pool``; returns its name (default: its DSN without credentials)."""
+        if not isinstance(pool, Pool):
+            raise TypeError(
+                f"instrument_pool() needs an asyncpg.Pool, got {type(pool).__qualname__}"
+            )
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"instrument_pool(name=...) must be a non-empty str: {name!r}")
+        # Forget pools that were closed (their ids may be reused by new pools).
+        for key, entry in list(self.entries.items()):
+            if entry.pool.is_closing():
+                del self.entries[key]
+        known = self.entries.get(id(pool))
+        if known is not None and known.pool is pool:
+            if name is not None:
+                known.stats.rename(name[:MAX_NAME_CHARS])
+            return known.stats.name
+        pool_name = (name or default_pool_name(pool))[:MAX_NAME_CHARS]
+        entry = _PoolEntry(pool, PoolStats(self.dispatcher, pool_name, pool.get_max_size()))
+        self.entries[id(pool)] = entry
+        self._levels(entry)
+        return pool_name
+
+    @staticmethod
+    def _levels(entry: _PoolEntry) -> None:
+        pool = entry.pool
+        idle = pool.get_idle_size()
+        entry.stats.set_levels(pool.get_size() - idle, idle)
+
+    # --- called by the Pool wrappers ------------------------------------------------------------
+    async def acquire(self, entry: _PoolEntry, original: Callable[[], Awaitable[Any]]) -> Any:
+        """Run the pool's ``_acquire`` (*original*), timing and accounting it."""
+        stats = entry.stats
+        task = asyncio.current_task()
+        entry.acquiring[task] = 0
+        stats.wait_started()
+        start = _perf_ns()
+        try:
+            proxy = await original()
+        except TimeoutError:  # acquire(timeout=...) ran out (asyncio.TimeoutError is TimeoutError)
+            try:
+                stats.timed_out()
+                self._exhausted(entry, (_perf_ns() - start) / 1e9, timed_out=True)
+            except Exception as exc:
+                self.dispatcher.report_error("source.asyncpg", exc)
+            raise
+        finally:
+            stats.wait_ended()
+            opening_ns = entry.acquiring.pop(task, 0)
+        try:
+            self._acquired(entry, proxy, start, opening_ns)
+        except Exception as exc:
+            self.dispatcher.report_error("source.asyncpg", exc)
+        return proxy
+
+    def _acquired(self, entry: _PoolEntry, proxy: Any, start: int, opening_ns: int) -> None:
+        end = _perf_ns()
+        stats = entry.stats
+        stats.wait_observed((end - start) / 1e9)
+        self._levels(entry)
+        out = entry.out
+        for key, earlier in list(out.items()):
+            if not earlier.is_out():  # taken back without release() (closed): forget it
+                del out[key]
+        request = current_request()
+        checkout = Checkout(
+            stats, end, request, still_out=lambda: getattr(proxy, "_con", None) is not None
+        )
+        out[id(proxy)] = checkout
+        if request is not None:
+            db = self.monitor.request(request)
+            if db is not None and len(db.checkouts) < MAX_CHECKOUTS_PER_REQUEST:
+                checkout.culprit = _culprit_here()
+                db.checkouts.append(checkout)
+        # Opening a connection is not waiting for the pool: judge the wait without it.
+        waited = (end - start - opening_ns) / 1e9
+        if waited > self._wait_limit:
+            self._exhausted(entry, waited, timed_out=False)
+
+    def _exhausted(self, entry: _PoolEntry, waited: float, *, timed_out: bool) -> None:
+        pool = entry.pool
+        self.monitor.pool_exhausted(
+            entry.stats,
+            wait_seconds=waited,
+            timed_out=timed_out,
+            stack=_stack_here(),
+            evidence={
+                "db_system_name": "postgresql",
+                "pool_size": pool.get_max_size(),
+                "min_size": pool.get_min_size(),
+            },
+            state=current_request(),
+        )
+
+    def releasing(self, entry: _PoolEntry, connection: Any) -> None:
+        """``Pool.release`` was called: the checkout ends."""
+        try:
+            checkout = entry.out.pop(id(connection), None)
+            if checkout is not None:
+                checkout.returned = True
+                entry.stats.use_observed((_perf_ns() - checkout.start_ns) / 1e9)
+        except Exception as exc:
+            self.dispatcher.report_error("source.asyncpg", exc)
+
+    def released(self, entry: _PoolEntry) -> None:
+        """``Pool.release`` returned: the pool's levels changed."""
+        try:
+            self._levels(entry)
+        except Exception as exc:
+            self.dispatcher.report_error("source.asyncpg", exc)
+
+    def connection_created(self, entry: _PoolEntry, seconds: float) -> None:
+        """After ``Pool._get_new_connection``."""
+        try:
+            entry.stats.created(seconds)
+            task = asyncio.current_task()
+            if task in entry.acquiring:
+                entry.acquiring[task] += int(seconds * 1e9)
+        except Exception as exc:
+            self.dispatcher.report_error("source.asyncpg", exc)
+
+    async def stop(self) -> None:
+        """At shutdown: report registered pools that were never closed."""
+        self.monitor.cancel_leak_checks()
+        for entry in list(self.entries.values()):
+            pool = entry.pool
+            if pool.is_closing():
+                continue
+            size = pool.get_size()
+            if size <= 0:
+                continue
+            self.dispatcher.emit(
+                Finding.create(
+                    POOL_NOT_DISPOSED,
+                    f"at shutdown the asyncpg pool {entry.stats.name!r} still holds {size} "
+                    f"connection(s): it was never closed; call `await pool.close()` in the "
+                    f"application's lifespan shutdown",
+                    evidence={
+                        "pool": entry.stats.name,
+                        "db_system_name": "postgresql",
+                        "idle": pool.get_idle_size(),
+                        "used": size - pool.get_idle_size(),
+                    },
+                    request=None,
+                )
+            )

@@ -1,0 +1,395 @@
+"""SQLAlchemy source: statements, pools and engine life cycle of every engine in the process.
+
+Zero configuration: listeners are registered on the ``Engine`` and ``Pool`` *classes*, so every
+engine is observed — ``AsyncEngine`` (through its ``sync_engine``) and engines created later
+included. :meth:`SQLAlchemySource.instrument_engine` only names a pool; the default name is the
+URL without credentials (``postgresql+asyncpg://127.0.0.1:5432/shop``).
+
+Signals: ``db_client_operation_duration_seconds`` per statement; per request the statement count
+and time (``asyncsentinel_request_db_queries``, span attributes ``asyncsentinel.db.*``); pool
+metrics (see :mod:`.sqlalchemy_pool`). Findings: ``n_plus_one``, ``slow_query``,
+``pool_exhausted``, ``sync_db_on_event_loop``, ``engine_created_in_request``,
+``connection_leaked``, ``pool_not_disposed`` and ``pool_pre_ping`` advice.
+
+Two methods of ``Engine`` are wrapped (``functools.wraps``, originals restored on uninstall):
+``__init__`` to see engines being created (SQLAlchemy has no event for it) and
+``raw_connection`` to time checkouts. Private names relied on, identical in SQLAlchemy 2.0 and
+2.1: ``OptionEngine._proxied`` (an ``engine.execution_options()`` copy's engine),
+``QueuePool._max_overflow`` and ``Pool._pre_ping`` (no public accessors), and the
+``__sqlalchemy_greenlet_provider__`` marker of SQLAlchemy's asyncio greenlets.
+
+Nothing derived from parameters is ever recorded: statements are reduced to their shape
+(:mod:`.sql_shapes`) and bind parameters are never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import QueuePool
+
+from asyncsentinel.config import Settings
+from asyncsentinel.context import RequestState, current_request
+from asyncsentinel.findings import (
+    DB_CONFIGURATION_ADVICE,
+    ENGINE_CREATED_IN_REQUEST,
+    POOL_NOT_DISPOSED,
+    SYNC_DB_ON_EVENT_LOOP,
+    Dispatcher,
+    EvidenceValue,
+    Finding,
+    Severity,
+)
+from asyncsentinel.frames import Location, user_culprit
+from asyncsentinel.instruments import DB_OPERATION_DURATION
+from asyncsentinel.sources import Source
+from asyncsentinel.sources.database import MAX_NAME_CHARS, REQUEST_KEY, DatabaseMonitor, RequestDb
+from asyncsentinel.sources.sqlalchemy_pool import (
+    EngineInfo,
+    PoolTracker,
+    culprit_here,
+    engine_info,
+    stack_here,
+)
+
+_perf_ns = time.perf_counter_ns
+_running_loop = asyncio._get_running_loop
+_START = "_asyncsentinel_start_ns"
+_MAX_REMEMBERED = 1000  # advice and out-of-request sync findings already reported (bounded)
+
+
+_ACTIVE: list[SQLAlchemySource] = []
+_ORIGINALS: dict[str, Any] = {}
+_WRAPPERS: dict[str, Any] = {}
+
+
+def _patch_engine() -> None:
+    """Wrap ``Engine.__init__`` and ``Engine.raw_connection`` once for all active sources."""
+    if _ORIGINALS:
+        return
+    original_init = Engine.__dict__["__init__"]
+    original_raw_connection = Engine.__dict__["raw_connection"]
+
+    @functools.wraps(original_init)
+    def __init__(self: Engine, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        for source in tuple(_ACTIVE):
+            source.engine_created(self)
+
+    @functools.wraps(original_raw_connection)
+    def raw_connection(self: Engine) -> Any:
+        active = _ACTIVE
+        if not active:
+            return original_raw_connection(self)
+        if len(active) == 1:
+            return active[0].checkout(self, original_raw_connection)
+        call: Callable[[Engine], Any] = original_raw_connection
+        for source in active:
+            call = functools.partial(_checkout_via, source, call)
+        return call(self)
+
+    _ORIGINALS.update(__init__=original_init, raw_connection=original_raw_connection)
+    _WRAPPERS.update(__init__=__init__, raw_connection=raw_connection)
+    for name, wrapper in _WRAPPERS.items():
+        setattr(Engine, name, wrapper)
+
+
+def _checkout_via(source: SQLAlchemySource, inner: Callable[[Engine], Any], engine: Engine) -> Any:
+    return source.checkout(engine, inner)
+
+
+def _unpatch_engine() -> None:
+    for name, original in _ORIGINALS.items():
+        # Only undo our own wrapper: if something wrapped it after us, ours stays as a
+        # pass-through (it does nothing without active sources) rather than dropping theirs.
+        if Engine.__dict__.get(name) is _WRAPPERS[name]:
+            setattr(Engine, name, original)
+    _ORIGINALS.clear()
+    _WRAPPERS.clear()
+
+
+class SQLAlchemySource(Source):
+    """Observes every SQLAlchemy engine: statements, pools, and the mistakes around them."""
+
+    name = "sqlalchemy"
+
+    def __init__(self, settings: Settings, dispatcher: Dispatcher) -> None:
+        super().__init__(settings, dispatcher)
+        self.monitor = DatabaseMonitor.shared(settings, dispatcher)
+        self.pools = PoolTracker(self.monitor, dispatcher)
+        self._engines: dict[int, EngineInfo] = {}
+        self._engine_refs: dict[int, weakref.ref[Engine]] = {}
+        self._advised: set[str] = set()
+        self._sync_reported: set[str] = set()
+        self._n_plus_one = settings.n_plus_one_threshold
+        self._slow_ns = int(settings.slow_query_seconds * 1e9)
+        self._record = dispatcher.record
+        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = [
+            (Engine, "before_cursor_execute", self._before_cursor_execute),
+            (Engine, "after_cursor_execute", self._after_cursor_execute),
+            *((Engine, name, fn) for name, fn in self.pools.engine_listeners),
+            *self.pools.listeners,
+        ]
+        self._installed = False
+
+    # --- life cycle ------------------------------------------------------------------------------
+    def install(self) -> None:
+        if self._installed:
+            return
+        for target, identifier, fn in self._listeners:
+            event.listen(target, identifier, fn)
+        _ACTIVE.append(self)
+        _patch_engine()
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        self._installed = False
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if not _ACTIVE:
+            _unpatch_engine()
+        for target, identifier, fn in self._listeners:
+            if event.contains(target, identifier, fn):
+                event.remove(target, identifier, fn)
+        self.monitor.cancel_leak_checks()
+        self._engines.clear()
+        self._engine_refs.clear()
+
+    async def stop(self) -> None:
+        """At shutdown: report engines whose pool still holds connections (never disposed)."""
+        self.monitor.cancel_leak_checks()
+        for key, ref in list(self._engine_refs.items()):
+            engine = ref()
+            info = self._engines.get(key)
+            if engine is None or info is None:
+                continue
+            pool = engine.pool
+            if not isinstance(pool, QueuePool):
+                continue
+            idle = pool.checkedin()
+            if idle <= 0:
+                continue  # disposed (or never connected): nothing is held
+            self.dispatcher.emit(
+                Finding.create(
+                    POOL_NOT_DISPOSED,
+                    f"at shutdown the engine of pool {info.name!r} still holds {idle} pooled "
+                    f"connection(s): it was never disposed; call `await engine.dispose()` "
+                    f"(or engine.dispose()) in the application's lifespan shutdown",
+                    culprit=info.created_at,
+                    evidence={
+                        "pool": info.name,
+                        "db_system_name": info.system,
+                        "idle": idle,
+                        "used": pool.checkedout(),
+                    },
+                    request=None,
+                )
+            )
+
+    def request_finished(self, state: RequestState) -> None:
+        self.monitor.finish_request(state)
+
+    # --- engines ---------------------------------------------------------------------------------
+    def instrument_engine(self, engine: Any, *, name: str | None = None) -> str:
+        """Name the pool of an ``Engine`` or ``AsyncEngine``; returns the pool name.
+
+        Every engine is observed without this; it only chooses the pool name label.
+        """
+        sync_engine = getattr(engine, "sync_engine", engine)
+        if not isinstance(sync_engine, Engine):
+            raise TypeError(
+                f"instrument_engine() needs a SQLAlchemy Engine or AsyncEngine, "
+                f"got {type(engine).__qualname__}"
+            )
+        info = self._info(sync_engine)
+        if name is not None:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"instrument_engine(name=...) must be a non-empty str: {name!r}")
+            name = name[:MAX_NAME_CHARS]
+            if name != info.name:
+                info.rename(name)
+                self.pools.rename(sync_engine.pool, name)
+        return info.name
+
+    def _info(self, engine: Engine) -> EngineInfo:
+        info = self._engines.get(id(engine))
+        if info is not None:
+            return info
+        # An engine.execution_options() copy shares its engine's pool: use that engine's info.
+        proxied = getattr(engine, "_proxied", None)
+        while isinstance(proxied, Engine):
+            engine = proxied
+            proxied = getattr(engine, "_proxied", None)
+        return self._engines.get(id(engine)) or self._register(engine, None)
+
+    def _register(self, engine: Engine, created_at: Location | None) -> EngineInfo:
+        key = id(engine)
+        info = engine_info(engine)
+        info.created_at = created_at
+        engines, refs = self._engines, self._engine_refs
+
+        def forget(_ref: weakref.ref[Engine]) -> None:
+            engines.pop(key, None)
+            refs.pop(key, None)
+
+        refs[key] = weakref.ref(engine, forget)
+        engines[key] = info
+        self._advise(engine, info)
+        return info
+
+    def engine_created(self, engine: Engine) -> None:
+        """Called by the ``Engine.__init__`` wrapper for every new engine."""
+        try:
+            request = current_request()
+            stack = stack_here() if request is not None else ()
+            culprit = user_culprit(stack) if request is not None else culprit_here()
+            info = self._register(engine, culprit)
+            if request is None:
+                return
+            self.dispatcher.emit(
+                Finding.create(
+                    ENGINE_CREATED_IN_REQUEST,
+                    f"an engine (pool {info.name!r}) was created while handling a request: every "
+                    f"request pays for new connections and the pools pile up; create one engine "
+                    f"at start-up and share it",
+                    culprit=culprit,
+                    stack=stack,
+                    evidence={"pool": info.name, "db_system_name": info.system},
+                    request=request,
+                )
+            )
+        except Exception as exc:
+            self.dispatcher.report_error("source.sqlalchemy", exc)
+
+    def _advise(self, engine: Engine, info: EngineInfo) -> None:
+        pool = engine.pool
+        # Pre-ping matters for network databases: SQLite files cannot drop a connection.
+        if not isinstance(pool, QueuePool) or info.system == "sqlite":
+            return
+        if getattr(pool, "_pre_ping", True) or info.name in self._advised:
+            return
+        if len(self._advised) >= _MAX_REMEMBERED:
+            return
+        self._advised.add(info.name)
+        self.dispatcher.emit(
+            Finding.create(
+                DB_CONFIGURATION_ADVICE,
+                f"pool {info.name!r} has pool_pre_ping off: a connection the server, a proxy or a "
+                f"firewall closed while idle fails the first request that gets it; pass "
+                f"pool_pre_ping=True to create_engine()/create_async_engine()",
+                severity=Severity.INFO,
+                culprit=info.created_at,
+                evidence={"pool": info.name, "setting": "pool_pre_ping", "value": False},
+                request=None,
+            )
+        )
+
+    def checkout(self, engine: Engine, original: Callable[[Engine], Any]) -> Any:
+        """Called by the ``Engine.raw_connection`` wrapper: an accounted checkout."""
+        try:
+            info = self._info(engine)
+        except Exception as exc:
+            self.dispatcher.report_error("source.sqlalchemy", exc)
+            return original(engine)
+        return self.pools.checkout(engine, original, info)
+
+    # --- statements (the hot path: keep it short) ------------------------------------------------
+    def _before_cursor_execute(
+        self,
+        conn: Any,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        if context is not None:
+            setattr(context, _START, _perf_ns())
+
+    def _after_cursor_execute(
+        self,
+        conn: Any,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        end = _perf_ns()
+        try:
+            start = getattr(context, _START, 0)
+            if not start:
+                return
+            elapsed = end - start
+            engine = conn.engine
+            info = self._engines.get(id(engine)) or self._info(engine)
+            shape, labels = info.statement(statement)
+            self._record(DB_OPERATION_DURATION, elapsed / 1e9, labels)
+            request = current_request()
+            if request is not None:
+                db = request.extras.get(REQUEST_KEY)
+                if db is None or db.owner is not self.monitor:
+                    db = self.monitor.request(request)
+                if db is not None and db.add(shape, elapsed) == self._n_plus_one:
+                    self.monitor.flag_n_plus_one(db, shape, stack_here(), self._evidence(info))
+            if elapsed >= self._slow_ns:
+                self.monitor.slow_query(shape, elapsed / 1e9, stack_here(), self._evidence(info))
+            if not info.is_async and _running_loop() is not None:
+                self._sync_on_loop(conn, info, shape, elapsed, request)
+        except Exception as exc:
+            self.dispatcher.report_error("source.sqlalchemy", exc)
+
+    @staticmethod
+    def _evidence(info: EngineInfo) -> dict[str, EvidenceValue]:
+        return {"pool": info.name, "db_system_name": info.system}
+
+    def _sync_on_loop(
+        self,
+        conn: Any,
+        info: EngineInfo,
+        shape: str,
+        elapsed_ns: int,
+        request: RequestState | None,
+    ) -> None:
+        # An AsyncEngine's statements also run on the loop thread, but in a greenlet that awaits
+        # the async driver: info.is_async tells them apart. Report once per request (or once per
+        # statement shape outside requests), with the stack of the first offence.
+        if request is not None:
+            db = request.extras.get(REQUEST_KEY)
+            if isinstance(db, RequestDb):
+                if SYNC_DB_ON_EVENT_LOOP in db.once:
+                    return
+                db.once.add(SYNC_DB_ON_EVENT_LOOP)
+        else:
+            key = f"{info.name}|{shape}"
+            if key in self._sync_reported or len(self._sync_reported) >= _MAX_REMEMBERED:
+                return
+            self._sync_reported.add(key)
+        stack = stack_here()
+        driver = str(getattr(conn.dialect, "driver", info.system))
+        self.dispatcher.emit(
+            Finding.create(
+                SYNC_DB_ON_EVENT_LOOP,
+                f"a synchronous database driver ({driver}) ran a statement on the event loop's "
+                f"thread, blocking every other request for {elapsed_ns / 1e6:.1f} ms; use an "
+                f"async engine (create_async_engine) or run it in asyncio.to_thread()",
+                culprit=user_culprit(stack),
+                stack=stack,
+                evidence={
+                    **self._evidence(info),
+                    "driver": driver,
+                    "statement": shape,
+                    "duration_seconds": round(elapsed_ns / 1e9, 6),
+                },
+                request=request,
+            )
+        )
