@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -63,6 +64,10 @@ class PrometheusSink:
         # (instrument name, label values) -> child; the hot path is one dict lookup.
         self._children: dict[tuple[str, tuple[str, ...]], Any] = {}
         self._sets_per_family: dict[str, int] = {}
+        # (instrument name, label values) -> the child's bound ``observe``/``inc``: recording is
+        # one dict lookup and one call (this runs several times per HTTP request). Holds only
+        # keys that have their own child, so it is bounded like ``_children``.
+        self._recorders: dict[tuple[str, tuple[str, ...]], Callable[[float], None]] = {}
         self._lock = threading.Lock()
         for instrument in ALL_INSTRUMENTS:
             if not instrument.labels:
@@ -93,11 +98,20 @@ class PrometheusSink:
             return child
 
     def record(self, instrument: Instrument, value: float, labels: tuple[str, ...]) -> None:
+        recorder = self._recorders.get((instrument.name, labels))
+        if recorder is None:
+            recorder = self._recorder(instrument, labels)
+        recorder(value)
+
+    def _recorder(self, instrument: Instrument, labels: tuple[str, ...]) -> Callable[[float], None]:
         child = self._child(instrument, labels)
-        if instrument.kind == "histogram":
-            child.observe(value)
-        else:
-            child.inc(value)
+        recorder: Callable[[float], None] = (
+            child.observe if instrument.kind == "histogram" else child.inc
+        )
+        key = (instrument.name, labels)
+        if key in self._children:  # not folded into the overflow series: safe to remember
+            self._recorders[key] = recorder
+        return recorder
 
     def set(self, instrument: Instrument, value: float, labels: tuple[str, ...]) -> None:
         self._child(instrument, labels).set(value)
