@@ -29,6 +29,8 @@ BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("sqlalchemy", "asyncsentinel.sources.sqlalchemy", "SQLAlchemySource"),
     ("sqlalchemy", "asyncsentinel.sources.asyncpg", "AsyncpgSource"),
     ("sqlalchemy", "asyncsentinel.sources.sqlalchemy_sessions", "SQLAlchemySessionSource"),
+    ("task_tracking", "asyncsentinel.sources.tasks", "TaskSource"),
+    ("thread_pool_metrics", "asyncsentinel.sources.threadpool", "ThreadPoolSource"),
 )
 
 # HTTP methods are a label: anything else is folded into "_OTHER" as the conventions say.
