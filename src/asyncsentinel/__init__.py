@@ -33,6 +33,7 @@ from asyncsentinel.findings import (
 )
 from asyncsentinel.frames import Location
 from asyncsentinel.sentinel import Sentinel, instrument
+from asyncsentinel.sources.loop import LoopMonitor
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "ConfigError",
     "Finding",
     "Location",
+    "LoopMonitor",
     "Sentinel",
     "SentinelMiddleware",
     "Settings",

@@ -29,6 +29,7 @@ BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("sqlalchemy", "asyncsentinel.sources.sqlalchemy", "SQLAlchemySource"),
     ("sqlalchemy", "asyncsentinel.sources.asyncpg", "AsyncpgSource"),
     ("sqlalchemy", "asyncsentinel.sources.sqlalchemy_sessions", "SQLAlchemySessionSource"),
+    ("loop_monitor", "asyncsentinel.sources.loop", "LoopSource"),
     ("task_tracking", "asyncsentinel.sources.tasks", "TaskSource"),
     ("thread_pool_metrics", "asyncsentinel.sources.threadpool", "ThreadPoolSource"),
 )
