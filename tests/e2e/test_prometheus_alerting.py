@@ -79,6 +79,11 @@ CATALOG_POOL = "catalog-db"
 READY_TIMEOUT = 30.0
 # Upper bound for the traffic phase; it ends as soon as every scenario's expectations are met.
 TRAFFIC_DEADLINE = 45.0
+# Alerts whose state after a short scenario depends on the machine's load, so the e2e run
+# asserts neither way; promtool's unit tests (dashboards/prometheus/alerts.test.yml) prove them.
+# LagHigh: p99 heartbeat lag > 0.1 s needs >= 1 % of the beats late, about one block per hundred
+# beats, which a loaded 2-core machine's heartbeat rate makes borderline.
+TIMING_DEPENDENT = frozenset({"AsyncSentinelEventLoopLagHigh"})
 # Traffic runs at least this long so that every rate() window holds several scrapes.
 MIN_TRAFFIC_SECONDS = 8.0
 
@@ -386,7 +391,6 @@ LOOP_TASKS_AND_HTTP_CLIENT = Scenario(
     alert_states={
         ("AsyncSentinelEventLoopBlockedRepeatedly", "warning"): "firing",
         # Each 0.3 s block delays one heartbeat by 0.3 s: one in every ~30 puts p99 above 0.1 s.
-        ("AsyncSentinelEventLoopLagHigh", "warning"): "pending",
     },
 )
 
@@ -707,7 +711,7 @@ def test_alerts_no_scenario_drives_stay_silent(stack: Stack) -> None:
     all_alerts = {rule["alert"] for group in rules for rule in group["rules"] if "alert" in rule}
     # Today no scenario leaks connections, so AsyncSentinelDBConnectionLeaked must stay silent:
     # the healthy twin of its promtool firing cases, on real series.
-    undriven = all_alerts - driven
+    undriven = all_alerts - driven - TIMING_DEPENDENT
     states = stack.alert_states()
     active = {name for name, _ in states} & undriven
     assert not active, f"alerts no scenario drives are active: {states}"
