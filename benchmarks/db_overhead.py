@@ -168,7 +168,7 @@ class Variant:
 
     def install(self, engine: Engine) -> None:
         """Instrument *engine* (the sync engine; an AsyncEngine's ``sync_engine``)."""
-        if engine.dispatch.before_cursor_execute:
+        if engine.dispatch.before_cursor_execute or engine.dialect.dispatch.do_execute:
             raise BenchmarkError("an earlier variant left a statement listener behind")
         self._engine = engine
 
@@ -974,8 +974,12 @@ def _min_us(fn: Callable[[], Any], calls: int = 20_000, repeats: int = 7) -> flo
     return loop(fn) - loop(lambda: None)
 
 
+# asyncsentinel's statement hooks: the dialect's do_execute events (it runs the statement, timed).
+_STATEMENT_HOOKS = ("do_execute", "do_executemany", "do_execute_no_params")
+
+
 class _StatementListenersOnly(AsyncSentinelVariant):
-    """asyncsentinel with only its two statement listeners left in place."""
+    """asyncsentinel with only its statement hooks left in place."""
 
     name = "statement listeners only"
 
@@ -986,7 +990,7 @@ class _StatementListenersOnly(AsyncSentinelVariant):
         for attribute, original in source_module._ORIGINALS.items():
             setattr(Engine, attribute, original)  # uninstall() leaves them (ours are gone)
         for target, identifier, fn in self.sentinel.source("sqlalchemy")._listeners:  # type: ignore[union-attr]
-            if identifier not in ("before_cursor_execute", "after_cursor_execute"):
+            if identifier not in _STATEMENT_HOOKS:
                 event_remove(target, identifier, fn)
 
     def verify(self, expected: Expected) -> dict[str, Any]:
@@ -1000,18 +1004,24 @@ class _NoMetricRecording(_StatementListenersOnly):
 
     def install(self, engine: Engine) -> None:
         super().install(engine)
-        self.sentinel.source("sqlalchemy")._record = lambda *_: None  # type: ignore[union-attr]
+        # Statement recorders are bound (Dispatcher.recorder) when the source first sees the
+        # engine, i.e. after this: hand out ones that drop the value.
+        self.sentinel.dispatcher.recorder = lambda *_: _discard  # type: ignore[method-assign]
+
+
+def _discard(_value: float) -> None:
+    """A recorder that records nothing."""
 
 
 class _AllButStatementListeners(AsyncSentinelVariant):
-    """asyncsentinel without its two statement listeners (engine/pool wrappers and events)."""
+    """asyncsentinel without its statement hooks (engine/pool wrappers and events)."""
 
     name = "everything but the statement listeners"
 
     def install(self, engine: Engine) -> None:
         super().install(engine)
         for target, identifier, fn in self.sentinel.source("sqlalchemy")._listeners:  # type: ignore[union-attr]
-            if identifier in ("before_cursor_execute", "after_cursor_execute"):
+            if identifier in _STATEMENT_HOOKS:
                 event_remove(target, identifier, fn)
 
     def verify(self, expected: Expected) -> dict[str, Any]:
@@ -1035,7 +1045,8 @@ def _split_in_place(engine: Engine, rounds: int) -> dict[str, dict[str, dict[str
         probe.install(engine)
         try:
             source: Any = probe.sentinel.source("sqlalchemy")
-            assert source._listeners and source._record and source_module._ORIGINALS
+            assert source._listeners and probe.sentinel.dispatcher.recorder
+            assert source_module._ORIGINALS
         finally:
             probe.uninstall()
     except (ImportError, AttributeError, AssertionError) as exc:
@@ -1069,6 +1080,69 @@ def _split_in_place(engine: Engine, rounds: int) -> dict[str, dict[str, dict[str
             if name != "none"
         }
     return out
+
+
+# --- what SQLAlchemy itself charges for a hook (--profile, fresh interpreters) -------------------
+EVENT_PROBES = ("none", "connection events", "do_execute hook")
+"""How a statement can be timed: not at all; two no-op ``before/after_cursor_execute`` listeners
+(what any connection-event based tool installs); a ``do_execute`` listener that runs the
+dialect's ``do_execute`` itself, as asyncsentinel does."""
+
+
+def events_probe(mode: str, units: int) -> dict[str, float]:
+    """CPU µs per statement of the "outside a request" workload with one kind of hook.
+
+    Run in a fresh interpreter per measurement: SQLAlchemy never resets ``_has_events`` once
+    a listener was added, so after the first connection-event listener every later engine and
+    connection in the process pays for the event machinery, listener or not.
+    """
+    from sqlalchemy import event
+
+    engine = sqlite_engine()
+    if mode == "connection events":
+
+        def before(*args: Any) -> tuple[Any, Any]:
+            return args[2], args[3]
+
+        def after(*_: Any) -> None:
+            """Does nothing."""
+
+        event.listen(Engine, "before_cursor_execute", before, retval=True)
+        event.listen(Engine, "after_cursor_execute", after)
+    elif mode == "do_execute hook":
+
+        def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+            context.dialect.do_execute(cursor, statement, parameters, context)
+            return True
+
+        event.listen(Engine, "do_execute", do_execute)
+    scenario = SCENARIOS[0]
+    run_sync(engine, Variant(), scenario, 20)
+    gc.collect()
+    timing = run_sync(engine, Variant(), scenario, units)
+    statements = units * scenario.statements
+    return {"cpu_us_per_statement": timing.cpu_ns / statements / 1000}
+
+
+def _events_cost(rounds: int, units: int) -> dict[str, dict[str, float]]:
+    """Median paired CPU µs per statement of each probe vs ``none``, fresh interpreters."""
+    values: dict[str, list[float]] = {mode: [] for mode in EVENT_PROBES}
+    for round_index in range(rounds):
+        for mode in rotated(list(EVENT_PROBES), round_index):
+            command = [sys.executable, str(Path(__file__).resolve()), "--events-probe", mode]
+            out = subprocess.run(
+                [*command, "--sqlite-units", str(units)],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO_DIR,
+            )
+            values[mode].append(json.loads(out.stdout)["cpu_us_per_statement"])
+    base = values["none"]
+    result = {"none": summarize(base)}
+    for mode in EVENT_PROBES[1:]:
+        result[mode] = summarize(_paired(values[mode], base))
+    return result
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -1169,6 +1243,9 @@ def profile(args: argparse.Namespace) -> int:
                 variant.exit(token)
         return spent / n / 1000
 
+    _progress("profile: SQLAlchemy's own cost of a statement hook (fresh interpreters)…")
+    events_cost = _events_cost(rounds, 100 if args.quick else 300)
+
     _progress("profile: checkouts…")
     per_checkout = _paired_cpu(
         {
@@ -1194,35 +1271,31 @@ def profile(args: argparse.Namespace) -> int:
     variant.install(engine)
     try:
         source: Any = variant.sentinel.source("sqlalchemy")
-        before = getattr(source, "_before_cursor_execute", None)
-        after = getattr(source, "_after_cursor_execute", None)
+        account = getattr(source, "_executed", None)
         with engine.connect() as conn:
             result = conn.execute(_STATEMENT, {"item_id": 1})
             text, context = result.context.statement, result.context
             result.all()
-            if before is not None and after is not None:
-                components["before_cursor_execute"] = _min_us(
-                    lambda: before(conn, None, text, None, context, False)
-                )
-
-                def one_statement() -> None:
-                    before(conn, None, text, None, context, False)
-                    after(conn, None, text, None, context, False)
-
-                components["after_cursor_execute, outside a request"] = (
-                    _min_us(one_statement) - components["before_cursor_execute"]
+            if account is not None:
+                # What the do_execute hook adds around the dialect's own do_execute.
+                components["statement accounting, outside a request"] = _min_us(
+                    lambda: account(context, text, 20_000)
                 )
                 token = variant.enter()
                 try:
-                    components["after_cursor_execute, in a request"] = (
-                        _min_us(one_statement) - components["before_cursor_execute"]
+                    components["statement accounting, in a request"] = _min_us(
+                        lambda: account(context, text, 20_000)
                     )
                 finally:
                     variant.exit(token)
         labels = ("sqlite", "SELECT", "sqlite://")
         record = variant.sentinel.dispatcher.record
-        components["of which dispatcher.record(db_client_operation_duration_seconds)"] = _min_us(
-            lambda: record(DB_OPERATION_DURATION, 2e-5, labels)
+        components["dispatcher.record(db_client_operation_duration_seconds), for comparison"] = (
+            _min_us(lambda: record(DB_OPERATION_DURATION, 2e-5, labels))
+        )
+        bound = variant.sentinel.dispatcher.recorder(DB_OPERATION_DURATION, labels)
+        components["of which the bound duration recorder (dispatcher.recorder)"] = _min_us(
+            lambda: bound(2e-5)
         )
         from prometheus_client import Histogram
 
@@ -1288,6 +1361,11 @@ def profile(args: argparse.Namespace) -> int:
     print(
         markdown_table(["variant", "CPU µs [IQR]"], [row(k, v) for k, v in per_statement.items()])
     )
+    print(
+        "\n### SQLAlchemy's own cost of a statement hook, 4 statements per checkout (SQLite; "
+        "fresh interpreters; CPU µs per statement, paired medians)\n"
+    )
+    print(markdown_table(["hook", "CPU µs [IQR]"], [row(k, v) for k, v in events_cost.items()]))
     print("\n### Per checkout + checkin from a QueuePool (SQLite file; CPU µs, paired medians)\n")
     print(markdown_table(["variant", "CPU µs [IQR]"], [row(k, v) for k, v in per_checkout.items()]))
     for scenario_name, parts in split.items():
@@ -1325,6 +1403,7 @@ def profile(args: argparse.Namespace) -> int:
         "versions": package_versions(VERSIONED),
         "rounds": rounds,
         "per_statement_cpu_us": per_statement,
+        "sqlalchemy_hook_cost_cpu_us": events_cost,
         "per_checkout_cpu_us": per_checkout,
         "split_in_place_added_cpu_us": split,
         "listener_functions_us": components,
@@ -1369,6 +1448,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="instead of the comparison: where asyncsentinel's time per statement goes (SQLite)",
     )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--events-probe", choices=EVENT_PROBES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(args.engines) - {"sqlite", "postgresql"}
@@ -1389,6 +1469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         engines=args.engines,
         quick=args.quick,
     )
+    if args.events_probe:
+        print(json.dumps(events_probe(args.events_probe, args.sqlite_units)))
+        return 0
     if args.profile:
         return profile(args)
     if args.child is not None:

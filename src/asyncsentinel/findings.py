@@ -225,6 +225,45 @@ class Dispatcher:
             except Exception as exc:
                 self.report_error(f"sink.{type(sink).__name__}", exc)
 
+    def recorder(
+        self, instrument: Instrument, labels: tuple[str, ...] = ()
+    ) -> Callable[[float], None]:
+        """:meth:`record` bound to one instrument and label set, for per-statement hot paths.
+
+        A sink with a ``recorder(instrument, labels, on_error)`` method hands out its own bound
+        function (the Prometheus sink: the metric child's, with no lookup left per call); other
+        sinks are called through ``record``. Like ``record`` it never raises: sink errors are
+        counted under the sink's component.
+        """
+        parts: list[Callable[[float], None]] = []
+        for sink in self._measurement_sinks:
+            make = getattr(sink, "recorder", None)
+            if make is None:
+                parts.append(functools.partial(self._record_one, sink, instrument, labels))
+                continue
+            on_error = functools.partial(self.report_error, f"sink.{type(sink).__name__}")
+            try:
+                parts.append(make(instrument, labels, on_error))
+            except Exception as exc:
+                on_error(exc)
+                parts.append(functools.partial(self._record_one, sink, instrument, labels))
+        if len(parts) == 1:
+            return parts[0]
+
+        def record_all(value: float) -> None:
+            for part in parts:
+                part(value)
+
+        return record_all
+
+    def _record_one(
+        self, sink: MeasurementSink, instrument: Instrument, labels: tuple[str, ...], value: float
+    ) -> None:
+        try:
+            sink.record(instrument, value, labels)
+        except Exception as exc:
+            self.report_error(f"sink.{type(sink).__name__}", exc)
+
     def set(self, instrument: Instrument, value: float, labels: tuple[str, ...] = ()) -> None:
         """Set a gauge to a level."""
         for sink in self._measurement_sinks:

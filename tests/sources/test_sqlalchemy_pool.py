@@ -3,6 +3,7 @@ the source's own hygiene (uninstall restores everything; its errors never reach 
 
 from __future__ import annotations
 
+import gc
 import threading
 from pathlib import Path
 
@@ -10,8 +11,12 @@ import pytest
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
+from starlette.routing import Route
 
 import asyncsentinel.sources.sqlalchemy as sa_source
+from asyncsentinel import CONNECTION_LEAKED
+from asyncsentinel.context import enter_request, exit_request
+from asyncsentinel.instruments import FINDINGS
 from asyncsentinel.sources.sqlalchemy import SQLAlchemySource
 from asyncsentinel.sources.sqlalchemy_pool import default_pool_name
 from tests.support import sample
@@ -225,4 +230,59 @@ def test_errors_inside_the_source_never_reach_the_application(
         )
         == 1
     )
+    engine.dispose()
+
+
+@pytest.mark.filterwarnings(
+    "ignore:The garbage collector is trying to clean up:sqlalchemy.exc.SAWarning"
+)
+def test_connection_collected_inside_instrumentation_is_reported_without_deadlock(
+    tmp_path: Path, make_sentinel, registry
+) -> None:
+    """SQLAlchemy finalizes a connection nobody closed from the garbage collector, which runs
+    inside whatever code allocated — here prometheus_client creating a series, holding a lock
+    that reporting the leak needs again. The report waits for the next checkout instead."""
+    sentinel = make_sentinel()
+    engine = create_engine(f"sqlite:///{tmp_path / 'collected.db'}")
+    leaks = 40
+
+    def leak_while_creating_series() -> None:
+        threshold = gc.get_threshold()
+        try:
+            for n in range(1, leaks + 1):
+                gc.collect()
+                gc.disable()  # until armed below: the leaked connection stays uncollected
+                # Checked out in a request of its own route: each leak is a new series too.
+                scope = {"type": "http", "method": "GET", "path": f"/leak/{n}", "root_path": ""}
+                scope["route"] = Route(f"/leak/{n}", endpoint=lambda request: None)
+                state = sentinel.begin_request(scope)
+                assert state is not None
+                token = enter_request(state)
+                cycle: list[object] = [engine.connect()]
+                exit_request(token)
+                sentinel.end_request(state, None)
+                cycle.append(cycle)  # only the cyclic collector frees it
+                del cycle
+                # The collection runs at the n-th allocation from here: one of them is inside
+                # prometheus_client creating the series, under its lock and the sink's.
+                gc.set_threshold(gc.get_count()[0] + n)
+                gc.enable()
+                sentinel.dispatcher.record(FINDINGS, 1, ("n_plus_one", f"/series/{n}"))
+                gc.disable()
+                gc.set_threshold(*threshold)
+        finally:
+            gc.set_threshold(*threshold)
+            gc.enable()
+
+    worker = threading.Thread(target=leak_while_creating_series, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "deadlocked"
+    gc.collect()
+    with engine.connect() as conn:  # the next checkout reports what had to wait
+        conn.execute(text("SELECT 1"))
+    leaked = sentinel.findings(CONNECTION_LEAKED)
+    assert len(leaked) == leaks
+    assert all(f.evidence["garbage_collected"] is True for f in leaked)
+    assert {f.http_route for f in leaked} == {f"/leak/{n}" for n in range(1, leaks + 1)}
     engine.dispose()

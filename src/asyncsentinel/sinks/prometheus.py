@@ -8,9 +8,11 @@ whose label values are all ``__overflow__``, so no input can grow the scrape wit
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +28,102 @@ _families_by_registry: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, An
 _families_lock = threading.Lock()
 
 
+def _histogram_cells(
+    child: Any,
+) -> tuple[list[float], Callable[[float], None], list[Callable[[float], None]]] | None:
+    """A histogram child's bucket bounds, sum cell and bucket cells (their ``inc``), or
+    ``None`` if prometheus_client lays them out differently than 0.20 to 0.26 do."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if (
+        total is None
+        or not isinstance(bounds, list)
+        or not isinstance(buckets, list)
+        or len(bounds) != len(buckets)
+        or not bounds
+        or bounds[-1] != math.inf
+        or not all(hasattr(b, "inc") for b in buckets)
+        or not hasattr(total, "inc")
+    ):
+        return None
+    return bounds, total.inc, [b.inc for b in buckets]
+
+
+_FLUSH_AT = 64
+"""Observations a bound histogram recorder buffers before folding them into its series."""
+
+
+class _PendingObservations:
+    """Observations of one histogram series that a bound recorder buffered (in-process mode).
+
+    Appending to a list is one call and atomic under the GIL, where ``observe()`` takes two
+    locks; the buffer is folded into the series every :data:`_FLUSH_AT` observations and
+    whenever the family is collected (:class:`_Histogram`), so every scrape is exact.
+    """
+
+    __slots__ = ("_cells", "_lock", "_observe", "values")
+
+    def __init__(
+        self,
+        cells: tuple[list[float], Callable[[float], None], list[Callable[[float], None]]],
+        observe: Callable[[float], None],
+    ) -> None:
+        self.values: list[float] = []
+        self._cells = cells
+        self._observe = observe
+        self._lock = threading.Lock()
+
+    def flush(self) -> None:
+        """Fold the buffered observations into the series (waits for a flush under way)."""
+        with self._lock:  # held while folding: a scrape waiting here then sees them all
+            self._fold()
+
+    def try_flush(self) -> None:
+        """:meth:`flush`, unless one is under way: in another thread, or in this one when a
+        garbage-collector finalizer (SQLAlchemy's, for a connection nobody closed) records
+        while a flush allocates. The observations then stay buffered for the next flush."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._fold()
+            finally:
+                self._lock.release()
+
+    def _fold(self) -> None:
+        values = self.values
+        count = len(values)
+        if not count:
+            return
+        taken = values[:count]
+        del values[:count]  # observations appended meanwhile are after these: they stay
+        bounds, add_to_sum, bucket_incs = self._cells
+        per_bucket = [0] * len(bounds)
+        total = 0.0
+        for amount in taken:
+            if amount != amount:  # NaN is in no bucket: leave it to observe()
+                self._observe(amount)
+                continue
+            # The first bound >= amount: what observe()'s "amount <= bound" scan finds.
+            per_bucket[bisect_left(bounds, amount)] += 1
+            total += amount
+        add_to_sum(total)
+        for inc, n in zip(bucket_incs, per_bucket, strict=True):
+            if n:
+                inc(n)
+
+
+class _Histogram(Histogram):
+    """prometheus_client's ``Histogram``, whose collection first folds in the observations its
+    series' bound recorders buffered (:class:`_PendingObservations`)."""
+
+    _asyncsentinel_pending: tuple[_PendingObservations, ...] = ()
+
+    def collect(self) -> Any:
+        for pending in self._asyncsentinel_pending:
+            pending.flush()
+        return super().collect()
+
+
 def multiprocess_enabled() -> bool:
     """True when prometheus_client's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR``)."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -36,7 +134,7 @@ def _build(instrument: Instrument, registry: CollectorRegistry) -> Any:
     if instrument.kind == "counter":
         return Counter(name.removesuffix("_total"), doc, labels, registry=registry)
     if instrument.kind == "histogram":
-        return Histogram(name, doc, labels, registry=registry, buckets=instrument.buckets)
+        return _Histogram(name, doc, labels, registry=registry, buckets=instrument.buckets)
     return Gauge(
         name, doc, labels, registry=registry, multiprocess_mode=instrument.multiprocess_mode
     )
@@ -68,7 +166,10 @@ class PrometheusSink:
         # one dict lookup and one call (this runs several times per HTTP request). Holds only
         # keys that have their own child, so it is bounded like ``_children``.
         self._recorders: dict[tuple[str, tuple[str, ...]], Callable[[float], None]] = {}
-        self._lock = threading.Lock()
+        # Re-entrant: creating a child allocates, which can run a garbage-collector finalizer
+        # that records (SQLAlchemy finalizes a connection nobody closed; asyncsentinel reports
+        # it) into another family in this same thread while the lock is held.
+        self._lock = threading.RLock()
         for instrument in ALL_INSTRUMENTS:
             if not instrument.labels:
                 # Unlabelled families expose a sample from the start (a 0 is information too).
@@ -112,6 +213,88 @@ class PrometheusSink:
         if key in self._children:  # not folded into the overflow series: safe to remember
             self._recorders[key] = recorder
         return recorder
+
+    def recorder(
+        self,
+        instrument: Instrument,
+        labels: tuple[str, ...],
+        on_error: Callable[[Exception], None],
+    ) -> Callable[[float], None]:
+        """:meth:`record` for one label set, bound once, for hot paths (one call per SQL
+        statement). Never raises; errors go to *on_error*.
+
+        Histograms buffer observations in-process (:class:`_PendingObservations`: an append
+        instead of two locked updates and a bucket scan) and fold them in before every
+        collection. In multiprocess mode, where values live in mmap files read by another
+        process, they update the sum and the one bucket found by bisection directly, as
+        ``observe()`` does minus its checks and scan. Gauges update their value cell directly.
+        When prometheus_client lays its metrics out differently than 0.20 to 0.26 do, the
+        public methods are used.
+        """
+        child = self._child(instrument, labels)
+        cells = _histogram_cells(child) if instrument.kind == "histogram" else None
+        family = self._families[instrument.name]
+        if (
+            cells is not None
+            and isinstance(family, _Histogram)
+            and getattr(getattr(child, "_sum", None), "_multiprocess", True) is False
+        ):
+            return self._buffered(family, child, cells, on_error)
+        if cells is not None:
+            bounds, add_to_sum, bucket_incs = cells
+            observe = child.observe
+
+            def observe_now(amount: float) -> None:
+                try:
+                    if amount != amount:  # NaN is in no bucket: leave it to observe()
+                        observe(amount)
+                        return
+                    add_to_sum(amount)
+                    # The first bound >= amount: what observe()'s "amount <= bound" scan finds.
+                    bucket_incs[bisect_left(bounds, amount)](1)
+                except Exception as exc:
+                    on_error(exc)
+
+            return observe_now
+        record: Callable[[float], None] = self._recorder(instrument, labels)
+        if instrument.kind == "gauge" and not getattr(child, "_is_most_recent", True):
+            record = getattr(getattr(child, "_value", None), "inc", None) or record
+
+        def record_contained(value: float) -> None:
+            try:
+                record(value)
+            except Exception as exc:
+                on_error(exc)
+
+        return record_contained
+
+    def _buffered(
+        self,
+        family: _Histogram,
+        child: Any,
+        cells: tuple[list[float], Callable[[float], None], list[Callable[[float], None]]],
+        on_error: Callable[[Exception], None],
+    ) -> Callable[[float], None]:
+        with self._lock:
+            # One buffer per series, shared by every sink on this registry.
+            pending = getattr(child, "_asyncsentinel_buffer", None)
+            if pending is None:
+                pending = _PendingObservations(cells, child.observe)
+                child._asyncsentinel_buffer = pending
+                family._asyncsentinel_pending = (*family._asyncsentinel_pending, pending)
+        values = pending.values
+        append = values.append
+        flush = pending.try_flush
+
+        def observe_buffered(amount: float) -> None:
+            try:
+                append(amount)
+                if len(values) >= _FLUSH_AT:
+                    flush()
+            except Exception as exc:
+                on_error(exc)
+
+        return observe_buffered
 
     def set(self, instrument: Instrument, value: float, labels: tuple[str, ...]) -> None:
         self._child(instrument, labels).set(value)

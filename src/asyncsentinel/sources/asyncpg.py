@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,17 +33,19 @@ from asyncpg.pool import Pool
 from asyncsentinel.config import Settings
 from asyncsentinel.context import current_request
 from asyncsentinel.findings import POOL_NOT_DISPOSED, Dispatcher, Finding
-from asyncsentinel.frames import Location, current_stack, is_user_code, location_of
+from asyncsentinel.frames import Location
 from asyncsentinel.sources import Source
 from asyncsentinel.sources.database import (
-    MAX_CHECKOUTS_PER_REQUEST,
     MAX_NAME_CHARS,
     Checkout,
     DatabaseMonitor,
     PoolStats,
+    frame_location,
+    user_origin,
 )
 
 _perf_ns = time.perf_counter_ns
+_STACK_LIMIT = 64
 
 
 class _PoolEntry:
@@ -86,19 +89,14 @@ _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 def _stack_here() -> tuple[Location, ...]:
     """The caller's stack without asyncsentinel's own frames at the inner end."""
-    stack = list(current_stack(skip=1))
-    while stack and stack[-1].filename.startswith(_OWN_DIR):
-        stack.pop()
-    return tuple(stack)
-
-
-def _culprit_here() -> Location | None:
-    frame = sys._getframe(1)
-    while frame is not None:
-        if is_user_code(frame.f_code.co_filename):
-            return location_of(frame)
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
+    out: list[Location] = []
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None and len(out) < _STACK_LIMIT:
+        if out or not frame.f_code.co_filename.startswith(_OWN_DIR):
+            out.append(frame_location(frame))
+        frame = frame.f_back
+    out.reverse()
+    return tuple(out)
 
 
 _ACTIVE: list[AsyncpgSource] = []
@@ -274,9 +272,9 @@ class AsyncpgSource(Source):
         out[id(proxy)] = checkout
         if request is not None:
             db = self.monitor.request(request)
-            if db is not None and len(db.checkouts) < MAX_CHECKOUTS_PER_REQUEST:
-                checkout.culprit = _culprit_here()
-                db.checkouts.append(checkout)
+            if db is not None and db.remember_checkout(checkout):
+                # The line is computed only if this connection is reported as leaked.
+                checkout.origin = user_origin(sys._getframe())
         # Opening a connection is not waiting for the pool: judge the wait without it.
         waited = (end - start - opening_ns) / 1e9
         if waited > self._wait_limit:

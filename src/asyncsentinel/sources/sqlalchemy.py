@@ -2,8 +2,13 @@
 
 Zero configuration: listeners are registered on the ``Engine`` and ``Pool`` *classes*, so every
 engine is observed — ``AsyncEngine`` (through its ``sync_engine``) and engines created later
-included. :meth:`SQLAlchemySource.instrument_engine` only names a pool; the default name is the
-URL without credentials (``postgresql+asyncpg://127.0.0.1:5432/shop``).
+included. Statements are timed by the dialect's ``do_execute``/``do_executemany``/
+``do_execute_no_params`` events (the listener runs the dialect's method itself, timed), not by
+``before/after_cursor_execute``: a single connection-event listener makes SQLAlchemy route every
+connection through its event machinery, which alone costs more than all of asyncsentinel's
+per-statement work (``benchmarks/README.md``). :meth:`SQLAlchemySource.instrument_engine` only
+names a pool; the default name is the URL without credentials
+(``postgresql+asyncpg://127.0.0.1:5432/shop``).
 
 Signals: ``db_client_operation_duration_seconds`` per statement; per request the statement count
 and time (``asyncsentinel_request_db_queries``, span attributes ``asyncsentinel.db.*``); pool
@@ -14,7 +19,8 @@ metrics (see :mod:`.sqlalchemy_pool`). Findings: ``n_plus_one``, ``slow_query``,
 Two methods of ``Engine`` are wrapped (``functools.wraps``, originals restored on uninstall):
 ``__init__`` to see engines being created (SQLAlchemy has no event for it) and
 ``raw_connection`` to time checkouts. Private names relied on, identical in SQLAlchemy 2.0 and
-2.1: ``OptionEngine._proxied`` (an ``engine.execution_options()`` copy's engine),
+2.1: ``OptionEngine._proxied`` (an ``engine.execution_options()`` copy's engine), a
+``Connection``'s own ``_has_events=False`` (SQLAlchemy's internal first-connect queries),
 ``QueuePool._max_overflow`` and ``Pool._pre_ping`` (no public accessors), and the
 ``__sqlalchemy_greenlet_provider__`` marker of SQLAlchemy's asyncio greenlets.
 
@@ -48,7 +54,6 @@ from asyncsentinel.findings import (
     Severity,
 )
 from asyncsentinel.frames import Location, user_culprit
-from asyncsentinel.instruments import DB_OPERATION_DURATION
 from asyncsentinel.sources import Source
 from asyncsentinel.sources.database import MAX_NAME_CHARS, REQUEST_KEY, DatabaseMonitor, RequestDb
 from asyncsentinel.sources.sqlalchemy_pool import (
@@ -56,12 +61,12 @@ from asyncsentinel.sources.sqlalchemy_pool import (
     PoolTracker,
     culprit_here,
     engine_info,
+    origins_here,
     stack_here,
 )
 
 _perf_ns = time.perf_counter_ns
 _running_loop = asyncio._get_running_loop
-_START = "_asyncsentinel_start_ns"
 _MAX_REMEMBERED = 1000  # advice and out-of-request sync findings already reported (bounded)
 
 
@@ -105,6 +110,19 @@ def _checkout_via(source: SQLAlchemySource, inner: Callable[[Engine], Any], engi
     return source.checkout(engine, inner)
 
 
+def _later_listeners_ran(listeners: Any, own: Callable[..., bool], args: tuple[Any, ...]) -> bool:
+    """Call the do_execute* listeners registered after *own*, in order, until one returns True
+    (it executed the statement itself: then this returns True)."""
+    after_own = False
+    for listener in listeners:
+        if after_own:
+            if listener(*args):
+                return True
+        elif listener == own:
+            after_own = True
+    return False
+
+
 def _unpatch_engine() -> None:
     for name, original in _ORIGINALS.items():
         # Only undo our own wrapper: if something wrapped it after us, ours stays as a
@@ -130,10 +148,14 @@ class SQLAlchemySource(Source):
         self._sync_reported: set[str] = set()
         self._n_plus_one = settings.n_plus_one_threshold
         self._slow_ns = int(settings.slow_query_seconds * 1e9)
-        self._record = dispatcher.record
+        # Kept as attributes: each is the very object registered, found again in the chain.
+        self._on_do_execute = self._do_execute
+        self._on_do_executemany = self._do_executemany
+        self._on_do_execute_no_params = self._do_execute_no_params
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = [
-            (Engine, "before_cursor_execute", self._before_cursor_execute),
-            (Engine, "after_cursor_execute", self._after_cursor_execute),
+            (Engine, "do_execute", self._on_do_execute),
+            (Engine, "do_executemany", self._on_do_executemany),
+            (Engine, "do_execute_no_params", self._on_do_execute_no_params),
             *((Engine, name, fn) for name, fn in self.pools.engine_listeners),
             *self.pools.listeners,
         ]
@@ -233,7 +255,7 @@ class SQLAlchemySource(Source):
 
     def _register(self, engine: Engine, created_at: Location | None) -> EngineInfo:
         key = id(engine)
-        info = engine_info(engine)
+        info = engine_info(engine, self.dispatcher.recorder)
         info.created_at = created_at
         engines, refs = self._engines, self._engine_refs
 
@@ -303,48 +325,77 @@ class SQLAlchemySource(Source):
         return self.pools.checkout(engine, original, info)
 
     # --- statements (the hot path: keep it short) ------------------------------------------------
-    def _before_cursor_execute(
-        self,
-        conn: Any,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        if context is not None:
-            setattr(context, _START, _perf_ns())
+    # The dialect's do_execute* events, not the connection's before/after_cursor_execute: once
+    # any connection event listener exists, SQLAlchemy runs every connection (connect, begin,
+    # execute, commit, rollback...) through its event machinery, which costs several times
+    # what asyncsentinel's own accounting does (see benchmarks/README.md). A do_execute listener
+    # that returns True has executed the statement itself: these run the dialect's method,
+    # timed, and return True; listeners registered after them are called first, in order, as
+    # SQLAlchemy would have (one that returns True has executed the statement instead).
+    def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        if context is None:
+            return False  # no execution context to attribute it to: SQLAlchemy runs it
+        dialect = context.dialect
+        listeners = dialect.dispatch.do_execute
+        start = _perf_ns()
+        if len(listeners) == 1 or not _later_listeners_ran(
+            listeners, self._on_do_execute, (cursor, statement, parameters, context)
+        ):
+            dialect.do_execute(cursor, statement, parameters, context)
+        self._executed(context, statement, _perf_ns() - start)
+        return True
 
-    def _after_cursor_execute(
-        self,
-        conn: Any,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        end = _perf_ns()
+    def _do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+        if context is None:
+            return False
+        dialect = context.dialect
+        listeners = dialect.dispatch.do_executemany
+        start = _perf_ns()
+        if len(listeners) == 1 or not _later_listeners_ran(
+            listeners, self._on_do_executemany, (cursor, statement, parameters, context)
+        ):
+            dialect.do_executemany(cursor, statement, parameters, context)
+        self._executed(context, statement, _perf_ns() - start)
+        return True
+
+    def _do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
+        if context is None:
+            return False
+        dialect = context.dialect
+        listeners = dialect.dispatch.do_execute_no_params
+        start = _perf_ns()
+        if len(listeners) == 1 or not _later_listeners_ran(
+            listeners, self._on_do_execute_no_params, (cursor, statement, context)
+        ):
+            dialect.do_execute_no_params(cursor, statement, context)
+        self._executed(context, statement, _perf_ns() - start)
+        return True
+
+    def _executed(self, context: Any, statement: str, elapsed: int) -> None:
+        """Account one statement that ran successfully in *elapsed* nanoseconds."""
         try:
-            start = getattr(context, _START, 0)
-            if not start:
+            connection = context.root_connection
+            if connection.__dict__.get("_has_events") is False:
+                # SQLAlchemy's own statements (the dialect initialising itself on an engine's
+                # first connection) run on a Connection created with _has_events=False, which
+                # SQLAlchemy keeps out of connection events: not the application's either.
                 return
-            elapsed = end - start
-            engine = conn.engine
+            engine = connection.engine
             info = self._engines.get(id(engine)) or self._info(engine)
-            shape, labels = info.statement(statement)
-            self._record(DB_OPERATION_DURATION, elapsed / 1e9, labels)
+            shape, record_duration = info.statement(statement)
+            record_duration(elapsed / 1e9)
             request = current_request()
             if request is not None:
+                monitor = self.monitor
                 db = request.extras.get(REQUEST_KEY)
-                if db is None or db.owner is not self.monitor:
-                    db = self.monitor.request(request)
+                if db is None or db.owner is not monitor:
+                    db = monitor.request(request)
                 if db is not None and db.add(shape, elapsed) == self._n_plus_one:
-                    self.monitor.flag_n_plus_one(db, shape, stack_here(), self._evidence(info))
+                    monitor.flag_n_plus_one(db, shape, origins_here(), self._evidence(info))
             if elapsed >= self._slow_ns:
                 self.monitor.slow_query(shape, elapsed / 1e9, stack_here(), self._evidence(info))
             if not info.is_async and _running_loop() is not None:
-                self._sync_on_loop(conn, info, shape, elapsed, request)
+                self._sync_on_loop(context, info, shape, elapsed, request)
         except Exception as exc:
             self.dispatcher.report_error("source.sqlalchemy", exc)
 
@@ -354,7 +405,7 @@ class SQLAlchemySource(Source):
 
     def _sync_on_loop(
         self,
-        conn: Any,
+        context: Any,
         info: EngineInfo,
         shape: str,
         elapsed_ns: int,
@@ -365,17 +416,15 @@ class SQLAlchemySource(Source):
         # statement shape outside requests), with the stack of the first offence.
         if request is not None:
             db = request.extras.get(REQUEST_KEY)
-            if isinstance(db, RequestDb):
-                if SYNC_DB_ON_EVENT_LOOP in db.once:
-                    return
-                db.once.add(SYNC_DB_ON_EVENT_LOOP)
+            if isinstance(db, RequestDb) and not db.first_time(SYNC_DB_ON_EVENT_LOOP):
+                return
         else:
             key = f"{info.name}|{shape}"
             if key in self._sync_reported or len(self._sync_reported) >= _MAX_REMEMBERED:
                 return
             self._sync_reported.add(key)
         stack = stack_here()
-        driver = str(getattr(conn.dialect, "driver", info.system))
+        driver = str(getattr(context.dialect, "driver", info.system))
         self.dispatcher.emit(
             Finding.create(
                 SYNC_DB_ON_EVENT_LOOP,

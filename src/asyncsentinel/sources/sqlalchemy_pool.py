@@ -35,13 +35,16 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool
 
 from asyncsentinel.context import current_request
 from asyncsentinel.findings import Dispatcher, EvidenceValue
-from asyncsentinel.frames import Location, is_user_code, location_of
+from asyncsentinel.frames import Location, is_user_code
+from asyncsentinel.instruments import DB_OPERATION_DURATION, Instrument
 from asyncsentinel.sources.database import (
-    MAX_CHECKOUTS_PER_REQUEST,
     MAX_NAME_CHARS,
     Checkout,
     DatabaseMonitor,
+    Origin,
     PoolStats,
+    origin_location,
+    origins_to_stack,
 )
 from asyncsentinel.sources.sql_shapes import describe
 
@@ -72,20 +75,36 @@ def _noop_weakref_callback(_ref: weakref.ref[Any]) -> None:
     (SQLAlchemy's fairy finalizer relies on the same; cpython gh-135552)."""
 
 
+Recorder = Callable[[float], None]
+RecorderFactory = Callable[[Instrument, tuple[str, ...]], Recorder]
+
+
 class EngineInfo:
     """What asyncsentinel knows about one engine: pool name, database system, driver kind."""
 
     __slots__ = (
         "__weakref__",
+        "_bind",
+        "_durations",
         "_statements",
         "backslash",
         "created_at",
         "is_async",
         "name",
+        "pool",
+        "pool_stats",
         "system",
     )
 
-    def __init__(self, name: str, system: str, *, is_async: bool, backslash: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        system: str,
+        *,
+        is_async: bool,
+        backslash: bool,
+        recorder: RecorderFactory,
+    ) -> None:
         self.name = name
         self.system = system
         """``db.system.name`` as the semantic conventions spell it (``postgresql``, ``sqlite``)."""
@@ -95,19 +114,33 @@ class EngineInfo:
         """String literals use backslash escapes (MySQL/MariaDB)."""
         self.created_at: Location | None = None
         """The user-code line that created the engine, when seen."""
-        self._statements: dict[str, tuple[str, tuple[str, str, str]]] = {}
+        self.pool: weakref.ref[Pool] | None = None
+        """The pool :attr:`pool_stats` belongs to (an engine gets a new pool on ``dispose()``)."""
+        self.pool_stats: PoolStats | None = None
+        """Accounting of :attr:`pool`; ``None`` for pool types without pool metrics."""
+        self._bind = recorder
+        self._statements: dict[str, tuple[str, Recorder]] = {}
+        self._durations: dict[str, Recorder] = {}
 
-    def statement(self, statement: str) -> tuple[str, tuple[str, str, str]]:
-        """The shape of *statement* and its ``db_client_operation_duration_seconds`` labels.
+    def statement(self, statement: str) -> tuple[str, Recorder]:
+        """The shape of *statement* and the recorder of its
+        ``db_client_operation_duration_seconds`` series (seconds).
 
         One dictionary lookup for statements seen before: SQLAlchemy's compiled cache hands
-        the same strings over and over. Bounded; cleared when full.
+        the same strings over and over, and the recorder is bound once per operation name.
+        Bounded; cleared when full.
         """
         known = self._statements.get(statement)
         if known is not None:
             return known
         shape, operation = describe(statement, backslash_escapes=self.backslash)
-        known = (shape, (self.system, operation, self.name))
+        record = self._durations.get(operation)
+        if record is None:
+            record = self._bind(DB_OPERATION_DURATION, (self.system, operation, self.name))
+            if len(self._durations) >= _MAX_STATEMENTS_PER_ENGINE:
+                self._durations.clear()
+            self._durations[operation] = record
+        known = (shape, record)
         if len(self._statements) >= _MAX_STATEMENTS_PER_ENGINE:
             self._statements.clear()
         self._statements[statement] = known
@@ -117,23 +150,61 @@ class EngineInfo:
         """Use *name* as the pool name from now on."""
         self.name = name
         self._statements = {}
+        self._durations = {}
 
 
 # --- stacks across SQLAlchemy's greenlets -------------------------------------------------------
-def _frames(frame: FrameType | None) -> Iterator[FrameType]:
-    """Frames from *frame* outwards. An ``AsyncEngine`` runs the sync engine in a greenlet whose
-    stack ends at SQLAlchemy's ``greenlet_spawn``; the user's coroutine is in the parent."""
-    greenlet = _greenlet_current() if _greenlet_current is not None else None
-    while True:
-        while frame is not None:
-            yield frame
-            frame = frame.f_back
-        if greenlet is None or not getattr(greenlet, "__sqlalchemy_greenlet_provider__", False):
-            return
-        greenlet = greenlet.parent
+# greenlet type -> whether it is SQLAlchemy's asyncio greenlet (a class attribute marks it).
+_provider_types: dict[type[Any], bool] = {}
+
+
+def _outer(greenlet: Any) -> tuple[FrameType | None, Any]:
+    """Where a stack continues after the outermost frame of *greenlet*'s stack (``None``: the
+    current greenlet): an ``AsyncEngine`` runs the sync engine in a greenlet whose stack ends at
+    SQLAlchemy's ``greenlet_spawn``; the user's coroutine is in the parent greenlet."""
+    if greenlet is None:
+        greenlet = _greenlet_current() if _greenlet_current is not None else None
         if greenlet is None:
-            return
-        frame = greenlet.gr_frame
+            return None, None
+    kind = type(greenlet)
+    provider = _provider_types.get(kind)
+    if provider is None:
+        provider = bool(getattr(kind, "__sqlalchemy_greenlet_provider__", False))
+        if len(_provider_types) < 64:
+            _provider_types[kind] = provider
+    parent = greenlet.parent if provider else None
+    return (parent.gr_frame, parent) if parent is not None else (None, None)
+
+
+def origins_here(skip: int = 0) -> list[Origin]:
+    """The caller's stack as origins (code, offset), innermost first, continued across an
+    asyncio greenlet; asyncsentinel's own frames at the inner end are left out.
+
+    Reads only ``f_code``/``f_lasti``/``f_back`` per frame (no line numbers, no
+    :class:`Location`): :func:`~.database.origins_to_stack` makes locations of it when a
+    finding is reported.
+    """
+    out: list[Origin] = []
+    append = out.append
+    frame: FrameType | None = sys._getframe(1 + skip)
+    greenlet = None
+    inner_end = True
+    left = _STACK_LIMIT
+    while left:
+        if frame is None:
+            frame, greenlet = _outer(greenlet)
+            if frame is None:
+                break
+        code = frame.f_code
+        if inner_end:
+            if code.co_filename.startswith(_OWN_DIR):
+                frame = frame.f_back
+                continue
+            inner_end = False
+        append((code, frame.f_lasti))
+        frame = frame.f_back
+        left -= 1
+    return out
 
 
 def stack_here() -> tuple[Location, ...]:
@@ -142,23 +213,36 @@ def stack_here() -> tuple[Location, ...]:
     asyncsentinel's own frames at the inner end are left out: the stack ends where the
     application or a library handed control to asyncsentinel.
     """
-    out: list[Location] = []
-    for frame in _frames(sys._getframe(1)):
-        if not out and frame.f_code.co_filename.startswith(_OWN_DIR):
-            continue
-        out.append(location_of(frame))
-        if len(out) >= _STACK_LIMIT:
-            break
-    out.reverse()
-    return tuple(out)
+    return origins_to_stack(origins_here(skip=1))
+
+
+def origin_here(skip: int = 0) -> Origin | None:
+    """The innermost user-code frame of the caller's stack, as an :data:`Origin`: no line
+    number, no :class:`Location`, no stack (see :func:`culprit_here`).
+
+    *skip* more frames are known not to be user code (asyncsentinel's own callers).
+    """
+    try:
+        frame: FrameType | None = sys._getframe(1 + skip)
+    except ValueError:  # a shorter stack than the caller thought: walk all of it
+        frame = sys._getframe(1)
+    greenlet = None
+    for _ in range(_STACK_LIMIT * 2):
+        if frame is None:
+            frame, greenlet = _outer(greenlet)
+            if frame is None:
+                return None
+        code = frame.f_code
+        if is_user_code(code.co_filename):
+            return code, frame.f_lasti
+        frame = frame.f_back
+    return None
 
 
 def culprit_here() -> Location | None:
     """The innermost user-code frame of the caller's stack (no full stack built)."""
-    for frame in _frames(sys._getframe(1)):
-        if is_user_code(frame.f_code.co_filename):
-            return location_of(frame)
-    return None
+    origin = origin_here()
+    return origin_location(origin) if origin is not None else None
 
 
 # --- engines ------------------------------------------------------------------------------------
@@ -177,8 +261,9 @@ def default_pool_name(url: URL) -> str:
     return name[:MAX_NAME_CHARS]
 
 
-def engine_info(engine: Engine) -> EngineInfo:
-    """A new :class:`EngineInfo` for *engine*, named after its URL."""
+def engine_info(engine: Engine, recorder: RecorderFactory) -> EngineInfo:
+    """A new :class:`EngineInfo` for *engine*, named after its URL; *recorder* binds its
+    statement-duration series (:meth:`Dispatcher.recorder`)."""
     dialect = engine.dialect
     name = dialect.name
     return EngineInfo(
@@ -186,6 +271,7 @@ def engine_info(engine: Engine) -> EngineInfo:
         _DB_SYSTEMS.get(name, name),
         is_async=bool(getattr(dialect, "is_async", False)),
         backslash=name in ("mysql", "mariadb"),
+        recorder=recorder,
     )
 
 
@@ -257,12 +343,18 @@ class PoolTracker:
 
     # --- pools -----------------------------------------------------------------------------------
     def stats_for(self, pool: Pool, info: EngineInfo) -> PoolStats | None:
-        """The :class:`PoolStats` of *pool* (created on first sight); ``None`` if untracked."""
+        """The :class:`PoolStats` of *pool* (created on first sight); ``None`` if untracked.
+
+        Remembered on *info* for the next checkout: one weak reference call instead of a
+        ``WeakKeyDictionary`` lookup and an ``isinstance`` check.
+        """
+        known = info.pool
+        if known is not None and known() is pool:
+            return info.pool_stats
         stats = self._stats.get(pool)
-        if stats is None:
-            if not isinstance(pool, QueuePool | NullPool):
-                return None
+        if stats is None and isinstance(pool, QueuePool | NullPool):
             stats = self._stats[pool] = PoolStats(self._dispatcher, info.name, pool_maximum(pool))
+        info.pool, info.pool_stats = weakref.ref(pool), stats
         return stats
 
     def rename(self, pool: Pool, name: str) -> None:
@@ -278,6 +370,8 @@ class PoolTracker:
     # --- checkout: Engine.raw_connection -------------------------------------------------------
     def checkout(self, engine: Any, original: Callable[[Any], Any], info: EngineInfo) -> Any:
         """Run ``Engine.raw_connection`` (*original*), timing and accounting the checkout."""
+        if self._monitor.deferred:
+            self._monitor.report_deferred()
         pool = engine.pool
         try:
             stats = self.stats_for(pool, info)
@@ -328,9 +422,10 @@ class PoolTracker:
         state.fairy_ref = weakref.ref(fairy, _noop_weakref_callback)
         if request is not None:
             db = self._monitor.request(request)
-            if db is not None and len(db.checkouts) < MAX_CHECKOUTS_PER_REQUEST:
-                checkout.culprit = culprit_here()
-                db.checkouts.append(checkout)
+            if db is not None and db.remember_checkout(checkout):
+                # Where, for a leak report: the frame's code and offset only (tens of ns);
+                # the line and Location are computed if that connection ever leaks.
+                checkout.origin = origin_here(skip=3)  # this, checkout(), the source's
         # Opening a connection is not waiting for the pool: judge the wait without it.
         waited = (wait_ns - created_ns) / 1e9
         if waited > self._wait_limit:

@@ -1,0 +1,248 @@
+"""Bound recorders (``Dispatcher.recorder``): the per-statement path records exactly what
+``Dispatcher.record`` records, in-process and in prometheus_client's multiprocess mode."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from asyncsentinel import Sentinel
+from asyncsentinel.instruments import (
+    DB_CONNECTION_COUNT,
+    DB_CONNECTION_TIMEOUTS,
+    DB_DURATION_BUCKETS,
+    DB_OPERATION_DURATION,
+    FINDINGS,
+    REQUEST_DB_QUERIES,
+)
+from tests.support import sample
+
+LABELS = ("sqlite", "SELECT", "sqlite://")
+DURATION = DB_OPERATION_DURATION.name
+
+# Durations around every bucket bound (exactly on it, just below and above), beyond the last
+# bound, zero and negative: the bucket search must agree with observe()'s scan everywhere.
+_edges = [b * f for b in DB_DURATION_BUCKETS for f in (1.0, 1 - 1e-12, 1 + 1e-12)]
+durations = st.lists(
+    st.one_of(
+        st.sampled_from([*_edges, 0.0, -1.0, 1e9]),
+        st.floats(min_value=-1.0, max_value=30.0, allow_nan=False),
+    ),
+    min_size=1,  # binding creates the series (at 0) before any value; record() on the first
+    max_size=300,  # several times the buffer of a bound histogram recorder
+)
+
+
+def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, str], float]:
+    return {
+        (s.name, s.labels.get("le", "")): s.value
+        for m in registry.collect()
+        for s in m.samples
+        if s.name.startswith(name) and not s.name.endswith("_created")
+    }
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=durations)
+@example(values=[0.0005 * (n % 7) for n in range(1, 300)])  # several buffer flushes
+def test_histogram_recorder_matches_record(values: list[float]) -> None:
+    bound_registry, plain_registry = CollectorRegistry(), CollectorRegistry()
+    bound = Sentinel(registry=bound_registry, loop_monitor=False, sqlalchemy=False)
+    plain = Sentinel(registry=plain_registry, loop_monitor=False, sqlalchemy=False)
+    try:
+        record = bound.dispatcher.recorder(DB_OPERATION_DURATION, LABELS)
+        for value in values:
+            record(value)
+            plain.dispatcher.record(DB_OPERATION_DURATION, value, LABELS)
+        bound_samples = _samples(bound_registry, DURATION)
+        plain_samples = _samples(plain_registry, DURATION)
+        total = (f"{DURATION}_sum", "")
+        # Buffered observations are summed before being added: the same total up to rounding.
+        assert math.isclose(bound_samples.pop(total), plain_samples.pop(total), abs_tol=1e-9)
+        assert bound_samples == plain_samples  # every bucket and the count: exactly
+    finally:
+        bound.close()
+        plain.close()
+
+
+def test_every_scrape_sees_every_observation(
+    make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
+) -> None:
+    observe = make_sentinel(loop_monitor=False).dispatcher.recorder(DB_OPERATION_DURATION, LABELS)
+    labels = dict(zip(DB_OPERATION_DURATION.labels, LABELS, strict=True))
+    for n in range(1, 200):
+        observe(0.002)
+        assert sample(registry, f"{DURATION}_count", **labels) == n
+
+
+def test_observations_from_many_threads_are_all_counted(
+    make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
+) -> None:
+    observe = make_sentinel(loop_monitor=False).dispatcher.recorder(DB_OPERATION_DURATION, LABELS)
+    labels = dict(zip(DB_OPERATION_DURATION.labels, LABELS, strict=True))
+    per_thread, threads = 20_000, 4
+    start = threading.Barrier(threads + 1)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(per_thread):
+            observe(0.0001)
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    start.wait()
+    scraped = []
+    while any(w.is_alive() for w in workers):  # scrapes racing the observations
+        scraped.append(sample(registry, f"{DURATION}_count", **labels))
+    for worker in workers:
+        worker.join()
+    assert scraped == sorted(scraped)  # never goes backwards
+    assert sample(registry, f"{DURATION}_count", **labels) == per_thread * threads
+    assert sample(registry, f"{DURATION}_bucket", le="0.0005", **labels) == per_thread * threads
+
+
+def test_gauge_and_counter_recorders_record_deltas(
+    make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
+) -> None:
+    dispatcher = make_sentinel(loop_monitor=False).dispatcher
+    used = dispatcher.recorder(DB_CONNECTION_COUNT, ("pool", "used"))
+    timeouts = dispatcher.recorder(DB_CONNECTION_TIMEOUTS, ("pool",))
+    for delta in (1, 1, -1, 1, -1, -1):
+        used(delta)
+    used(3)
+    timeouts(1)
+    timeouts(1)
+    assert sample(registry, "db_client_connection_count", **_pool_labels("used")) == 3
+    assert sample(registry, "db_client_connection_timeouts_total", **_pool_labels()) == 2
+
+
+def _pool_labels(state: str | None = None) -> dict[str, str]:
+    labels = {"db_client_connection_pool_name": "pool"}
+    if state is not None:
+        labels["db_client_connection_state"] = state
+    return labels
+
+
+def test_recorder_errors_are_contained_and_counted(
+    make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
+) -> None:
+    dispatcher = make_sentinel(loop_monitor=False).dispatcher
+    timeouts = dispatcher.recorder(DB_CONNECTION_TIMEOUTS, ("pool",))
+    timeouts(-1)  # prometheus_client refuses to decrement a counter: a real sink error
+    assert (
+        sample(
+            registry, "asyncsentinel_instrumentation_errors_total", component="sink.PrometheusSink"
+        )
+        == 1
+    )
+    assert sample(registry, "db_client_connection_timeouts_total", **_pool_labels()) == 0
+
+
+_MULTIPROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from prometheus_client import CollectorRegistry, multiprocess
+    from asyncsentinel import Sentinel
+    from asyncsentinel.instruments import DB_CONNECTION_COUNT, DB_OPERATION_DURATION
+
+    sentinel = Sentinel(registry=CollectorRegistry(), loop_monitor=False, sqlalchemy=False)
+    observe = sentinel.dispatcher.recorder(DB_OPERATION_DURATION, ("sqlite", "SELECT", "db"))
+    used = sentinel.dispatcher.recorder(DB_CONNECTION_COUNT, ("db", "used"))
+    for value in (0.0002, 0.003, 0.003, 7.0):
+        observe(value)
+    used(1); used(1); used(-1)
+    sentinel.close()
+    scrape = CollectorRegistry()
+    multiprocess.MultiProcessCollector(scrape)
+    out = {}
+    for metric in scrape.collect():
+        for s in metric.samples:
+            key = s.name + "|" + s.labels.get("le", "") + "|" + s.labels.get(
+                "db_client_connection_state", "")
+            out[key] = s.value
+    json.dump(out, sys.stdout)
+    """
+)
+
+
+def test_recorders_write_multiprocess_files(tmp_path: Path) -> None:
+    # prometheus_client picks its value class at import: multiprocess mode needs its own process.
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-c", _MULTIPROCESS_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    seen = json.loads(done.stdout)
+    assert seen[f"{DURATION}_count||"] == 4
+    assert abs(seen[f"{DURATION}_sum||"] - 7.0062) < 1e-9
+    assert seen[f"{DURATION}_bucket|0.0005|"] == 1
+    assert seen[f"{DURATION}_bucket|0.005|"] == 3
+    assert seen[f"{DURATION}_bucket|5.0|"] == 3
+    assert seen[f"{DURATION}_bucket|10.0|"] == 4
+    assert seen["db_client_connection_count||used"] == 1
+
+
+def test_recording_from_a_gc_finalizer_while_creating_a_series_does_not_deadlock(
+    make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
+) -> None:
+    """SQLAlchemy finalizes a connection nobody closed from the garbage collector and
+    asyncsentinel records that; the collection runs inside whatever allocated, such as the
+    sink creating a series of another metric under its lock."""
+    dispatcher = make_sentinel(loop_monitor=False).dispatcher
+    finalized: list[int] = []
+
+    class Garbage:
+        def __init__(self, number: int) -> None:
+            self.number = number
+            self.cycle = self  # only the cyclic collector frees it
+
+        def __del__(self) -> None:  # a new series each time: the sink's lock is taken
+            finalized.append(self.number)
+            dispatcher.record(REQUEST_DB_QUERIES, 3, (f"/finalized/{self.number}",))
+
+    def record_new_series() -> None:
+        threshold = gc.get_threshold()
+        try:
+            for n in range(1, 60):
+                gc.collect()
+                gc.disable()
+                Garbage(n)
+                # The collection runs at the n-th allocation from here: one of them is inside
+                # the creation of the series below, under the sink's lock.
+                gc.set_threshold(gc.get_count()[0] + n)
+                gc.enable()
+                dispatcher.record(FINDINGS, 1, ("n_plus_one", f"/new-series/{n}"))
+                gc.disable()
+                gc.set_threshold(*threshold)
+        finally:
+            gc.set_threshold(*threshold)
+            gc.enable()
+
+    worker = threading.Thread(target=record_new_series, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "deadlocked"
+    gc.collect()
+    assert sorted(finalized) == list(range(1, 60))
+    findings = "asyncsentinel_findings_total"
+    queries = "asyncsentinel_request_db_queries_sum"
+    for n in range(1, 60):
+        assert sample(registry, findings, kind="n_plus_one", http_route=f"/new-series/{n}") == 1
+        assert sample(registry, queries, http_route=f"/finalized/{n}") == 3
