@@ -334,6 +334,7 @@ async def test_connection_garbage_collected_while_checked_out_is_leaked(
                 gc.collect()
             (finding,) = sentinel.findings(CONNECTION_LEAKED)
             assert finding.evidence["garbage_collected"] is True
+            assert finding.evidence["object"] == "connection"
             assert finding.culprit is not None
             assert finding.culprit.lineno == line_of(HERE, "# dropped without close")
             assert findings_total(registry, CONNECTION_LEAKED, "/forgotten") == 1

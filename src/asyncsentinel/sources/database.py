@@ -546,6 +546,8 @@ class DatabaseMonitor:
                 message,
                 culprit=checkout.culprit,
                 evidence={
+                    # A Session collected with it open is reported too, as object="session".
+                    "object": "connection",
                     "pool": checkout.stats.name,
                     "held_seconds": round(held, 6),
                     "garbage_collected": garbage_collected,
