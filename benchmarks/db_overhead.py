@@ -1310,7 +1310,7 @@ def profile(args: argparse.Namespace) -> int:
             lambda: child.observe(2e-5)
         )
         try:
-            from asyncsentinel.sources.database import PoolStats
+            from asyncsentinel.sources.database_accounting import PoolStats
 
             stats = PoolStats(variant.sentinel.dispatcher, "bench", 10)
             stats.checked_in(use_seconds=None, to_idle=True)  # one idle connection to take

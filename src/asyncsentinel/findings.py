@@ -45,26 +45,27 @@ TASK_EXCEPTION_UNRETRIEVED = "task_exception_unretrieved"
 CLIENT_SESSION_PER_REQUEST = "client_session_per_request"
 CLIENT_SESSION_UNCLOSED = "client_session_unclosed"
 
-ALL_KINDS: frozenset[str] = frozenset(
-    {
-        N_PLUS_ONE,
-        SLOW_QUERY,
-        POOL_EXHAUSTED,
-        SESSION_SHARED_ACROSS_TASKS,
-        SYNC_DB_ON_EVENT_LOOP,
-        ENGINE_CREATED_IN_REQUEST,
-        CONNECTION_LEAKED,
-        POOL_NOT_DISPOSED,
-        LAZY_LOAD_IN_ASYNC,
-        DB_CONFIGURATION_ADVICE,
-        EVENT_LOOP_BLOCKED,
-        TASK_LEAKED,
-        CANCELLATION_SWALLOWED,
-        TASK_EXCEPTION_UNRETRIEVED,
-        CLIENT_SESSION_PER_REQUEST,
-        CLIENT_SESSION_UNCLOSED,
-    }
+KINDS: tuple[str, ...] = (
+    N_PLUS_ONE,
+    SLOW_QUERY,
+    POOL_EXHAUSTED,
+    SESSION_SHARED_ACROSS_TASKS,
+    SYNC_DB_ON_EVENT_LOOP,
+    ENGINE_CREATED_IN_REQUEST,
+    CONNECTION_LEAKED,
+    POOL_NOT_DISPOSED,
+    LAZY_LOAD_IN_ASYNC,
+    EVENT_LOOP_BLOCKED,
+    TASK_LEAKED,
+    CANCELLATION_SWALLOWED,
+    TASK_EXCEPTION_UNRETRIEVED,
+    CLIENT_SESSION_PER_REQUEST,
+    CLIENT_SESSION_UNCLOSED,
+    DB_CONFIGURATION_ADVICE,
 )
+"""Every finding kind, in the order reports list them: database, event loop and tasks, HTTP
+client, advice."""
+ALL_KINDS: frozenset[str] = frozenset(KINDS)
 
 EvidenceValue = str | int | float | bool
 

@@ -34,7 +34,7 @@ from asyncsentinel import (
     Sentinel,
     SentinelMiddleware,
 )
-from asyncsentinel.sources.aiohttp import OVERFLOW_ADDRESS, ServerAddresses
+from asyncsentinel.sources.aiohttp_metrics import OVERFLOW_ADDRESS, ServerAddresses
 from tests.support import free_port, sample, serve
 
 HERE = str(Path(__file__).resolve())

@@ -14,18 +14,11 @@ from fastapi.responses import JSONResponse
 
 from asyncsentinel import CONNECTION_LEAKED, POOL_EXHAUSTED, POOL_NOT_DISPOSED, ConfigError
 from asyncsentinel.sources.asyncpg import default_pool_name
-from tests.sources.dbapps import (
-    async_wait_until,
-    events_named,
-    instrument_app,
-    line_of,
-    log_lines,
-    running,
-)
-from tests.support import sample
+from tests.sources.dbapps import Outputs, async_wait_until, line_of, running
 
 HERE = __file__
 ROUTE = "/hold/{seconds}"
+USED = {"db_client_connection_state": "used"}
 
 
 def _app(postgres_url: str, *, close_pool: bool = True, **pool_options: Any) -> FastAPI:
@@ -62,189 +55,117 @@ def _app(postgres_url: str, *, close_pool: bool = True, **pool_options: Any) -> 
     return app
 
 
-def _metric(registry: Any, name: str, **labels: str) -> float:
-    return sample(registry, name, db_client_connection_pool_name="direct", **labels)
-
-
-async def test_pool_accounting_is_exact_under_concurrency(postgres_url, registry, tracer_provider):
+async def test_pool_accounting_is_exact_under_concurrency(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=1, max_size=4)
-    sentinel = instrument_app(app, registry, tracer_provider)
-    try:
-        async with running(app) as client:
-            responses = await asyncio.gather(*(client.get("/fetch") for _ in range(100)))
-            assert {r.status_code for r in responses} == {200}
-            pool = app.state.pool
-            assert _metric(registry, "db_client_connection_wait_time_seconds_count") == 100
-            assert _metric(registry, "db_client_connection_use_time_seconds_count") == 100
-            assert (
-                _metric(registry, "db_client_connection_count", db_client_connection_state="used")
-                == 0
-            )
-            assert _metric(
-                registry, "db_client_connection_count", db_client_connection_state="idle"
-            ) == (pool.get_idle_size())
-            assert _metric(registry, "db_client_connection_pending_requests") == 0
-            assert _metric(registry, "db_client_connection_max") == 4
-            assert 1 <= _metric(registry, "db_client_connection_create_time_seconds_count") <= 4
-    finally:
-        sentinel.close()
+    outputs.instrument(app)
+
+    def metric(name: str, **labels: str) -> float:
+        return outputs.pool_sample(name, "direct", **labels)
+
+    async with running(app) as client:
+        responses = await asyncio.gather(*(client.get("/fetch") for _ in range(100)))
+        assert {r.status_code for r in responses} == {200}
+        pool = app.state.pool
+        assert metric("db_client_connection_wait_time_seconds_count") == 100
+        assert metric("db_client_connection_use_time_seconds_count") == 100
+        assert metric("db_client_connection_count", **USED) == 0
+        assert metric("db_client_connection_count", db_client_connection_state="idle") == (
+            pool.get_idle_size()
+        )
+        assert metric("db_client_connection_pending_requests") == 0
+        assert metric("db_client_connection_max") == 4
+        assert 1 <= metric("db_client_connection_create_time_seconds_count") <= 4
 
 
-async def test_acquire_waiting_for_a_busy_pool_is_pool_exhausted(
-    postgres_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_acquire_waiting_for_a_busy_pool_is_pool_exhausted(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=1, max_size=1)
-    sentinel = instrument_app(app, registry, tracer_provider, pool_wait_seconds=0.1)
+    sentinel = outputs.instrument(app, pool_wait_seconds=0.1)
     line = line_of(HERE, "# acquire culprit")
-    try:
-        async with running(app) as client:
-            responses = await asyncio.gather(*(client.get("/hold/0.4") for _ in range(3)))
-            assert [r.status_code for r in responses] == [200, 200, 200]
-        assert (
-            sample(registry, "asyncsentinel_findings_total", kind=POOL_EXHAUSTED, http_route=ROUTE)
-            == 2
-        )
-        finding = sentinel.findings(POOL_EXHAUSTED)[0]
-        assert finding.culprit is not None
-        assert (finding.culprit.filename, finding.culprit.lineno) == (HERE, line)
-        assert finding.evidence["pool"] == "direct" and finding.evidence["pool_size"] == 1
-        assert finding.evidence["used"] == 1 and finding.evidence["timed_out"] is False
-        assert finding.evidence["wait_seconds"] > 0.1
-        (span, event), *_ = events_named(spans, "asyncsentinel.pool_exhausted")
-        assert span.name == f"GET {ROUTE}" and event.attributes["code.line.number"] == line
-        assert any(
-            f"on GET {ROUTE} at {HERE}:{line}" in m for m in log_lines(finding_logs, POOL_EXHAUSTED)
-        )
-        assert (
-            _metric(registry, "db_client_connection_count", db_client_connection_state="used") == 0
-        )
-    finally:
-        sentinel.close()
+    async with running(app) as client:
+        responses = await asyncio.gather(*(client.get("/hold/0.4") for _ in range(3)))
+        assert [r.status_code for r in responses] == [200, 200, 200]
+    finding = outputs.assert_reported(sentinel, POOL_EXHAUSTED, ROUTE, (HERE, line), count=2)
+    assert finding.evidence["pool"] == "direct" and finding.evidence["pool_size"] == 1
+    assert finding.evidence["used"] == 1 and finding.evidence["timed_out"] is False
+    assert finding.evidence["wait_seconds"] > 0.1
+    assert outputs.pool_sample("db_client_connection_count", "direct", **USED) == 0
 
 
-async def test_acquire_timeout_is_pool_exhausted(postgres_url, registry, tracer_provider, spans):
+async def test_acquire_timeout_is_pool_exhausted(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=1, max_size=1)
-    sentinel = instrument_app(app, registry, tracer_provider, pool_wait_seconds=5)
-    try:
-        async with running(app) as client:
-            slow = asyncio.create_task(client.get("/hold/1.0"))
-            await async_wait_until(
-                lambda: (
-                    _metric(
-                        registry, "db_client_connection_count", db_client_connection_state="used"
-                    )
-                    == 1
-                )
-            )
-            busy = await client.get("/hold/0", params={"timeout": 0.2})
-            assert busy.status_code == 503
-            assert (await slow).status_code == 200
-        assert _metric(registry, "db_client_connection_timeouts_total") == 1
-        (finding,) = sentinel.findings(POOL_EXHAUSTED)
-        assert finding.evidence["timed_out"] is True
-        assert finding.culprit is not None and finding.culprit.lineno == line_of(
-            HERE, "# acquire culprit"
+    sentinel = outputs.instrument(app, pool_wait_seconds=5)
+    async with running(app) as client:
+        slow = asyncio.create_task(client.get("/hold/1.0"))
+        await async_wait_until(
+            lambda: outputs.pool_sample("db_client_connection_count", "direct", **USED) == 1
         )
-        assert len(list(events_named(spans, "asyncsentinel.pool_exhausted"))) == 1
-    finally:
-        sentinel.close()
+        busy = await client.get("/hold/0", params={"timeout": 0.2})
+        assert busy.status_code == 503
+        assert (await slow).status_code == 200
+    assert outputs.pool_sample("db_client_connection_timeouts_total", "direct") == 1
+    (finding,) = sentinel.findings(POOL_EXHAUSTED)
+    assert finding.evidence["timed_out"] is True
+    assert finding.culprit is not None and finding.culprit.lineno == line_of(
+        HERE, "# acquire culprit"
+    )
+    assert len(outputs.events(POOL_EXHAUSTED)) == 1
 
 
-async def test_pool_with_room_healthy_twin(postgres_url, registry, tracer_provider, spans):
+async def test_pool_with_room_healthy_twin(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=3, max_size=3)
-    sentinel = instrument_app(app, registry, tracer_provider, pool_wait_seconds=0.1)
-    try:
-        async with running(app) as client:
-            responses = await asyncio.gather(*(client.get("/hold/0.2") for _ in range(3)))
-            assert [r.status_code for r in responses] == [200, 200, 200]
-        assert sentinel.findings(POOL_EXHAUSTED) == []
-        assert list(events_named(spans, "asyncsentinel.pool_exhausted")) == []
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app, pool_wait_seconds=0.1)
+    async with running(app) as client:
+        responses = await asyncio.gather(*(client.get("/hold/0.2") for _ in range(3)))
+        assert [r.status_code for r in responses] == [200, 200, 200]
+    assert sentinel.findings(POOL_EXHAUSTED) == []
+    assert outputs.events(POOL_EXHAUSTED) == []
 
 
-async def test_connection_acquired_and_never_released_is_leaked(
-    postgres_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_connection_acquired_and_never_released_is_leaked(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=1, max_size=2)
-    sentinel = instrument_app(app, registry, tracer_provider, connection_leak_seconds=0.2)
+    sentinel = outputs.instrument(app, connection_leak_seconds=0.2)
     line = line_of(HERE, "# never released")
-    try:
-        async with running(app) as client:
-            assert (await client.get("/kept")).status_code == 200
-            await async_wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_findings_total",
-                        kind=CONNECTION_LEAKED,
-                        http_route="/kept",
-                    )
-                    == 1
-                )
-            )
-            (finding,) = sentinel.findings(CONNECTION_LEAKED)
-            assert finding.culprit is not None
-            assert (finding.culprit.filename, finding.culprit.lineno) == (HERE, line)
-            assert finding.evidence["pool"] == "direct"
-            (_, event), *_ = events_named(spans, "asyncsentinel.connection_leaked")
-            assert event.attributes["code.line.number"] == line
-            assert any(
-                f"on GET /kept at {HERE}:{line}" in m
-                for m in log_lines(finding_logs, CONNECTION_LEAKED)
-            )
-            await app.state.pool.release(app.state.kept.pop())
-            assert (
-                _metric(registry, "db_client_connection_count", db_client_connection_state="used")
-                == 0
-            )
-    finally:
-        sentinel.close()
+    async with running(app) as client:
+        assert (await client.get("/kept")).status_code == 200
+        finding = await outputs.wait_reported_after_request(
+            sentinel, CONNECTION_LEAKED, "/kept", (HERE, line)
+        )
+        assert finding.evidence["pool"] == "direct"
+        await app.state.pool.release(app.state.kept.pop())
+        assert outputs.pool_sample("db_client_connection_count", "direct", **USED) == 0
 
 
-async def test_released_connection_healthy_twin(postgres_url, registry, tracer_provider):
+async def test_released_connection_healthy_twin(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=1, max_size=2)
-    sentinel = instrument_app(app, registry, tracer_provider, connection_leak_seconds=0.1)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/hold/0")).status_code == 200
-            assert (await client.get("/fetch")).status_code == 200
-            await asyncio.sleep(0.4)  # well past connection_leak_seconds
-        assert sentinel.findings(CONNECTION_LEAKED) == []
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app, connection_leak_seconds=0.1)
+    async with running(app) as client:
+        assert (await client.get("/hold/0")).status_code == 200
+        assert (await client.get("/fetch")).status_code == 200
+        await asyncio.sleep(0.4)  # well past connection_leak_seconds
+    assert sentinel.findings(CONNECTION_LEAKED) == []
 
 
-async def test_pool_never_closed_is_reported_at_shutdown(
-    postgres_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_pool_never_closed_is_reported_at_shutdown(postgres_url, outputs: Outputs):
     app = _app(postgres_url, close_pool=False, min_size=2, max_size=2)
-    sentinel = instrument_app(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     try:
         async with running(app) as client:
             assert (await client.get("/fetch")).status_code == 200
         (finding,) = sentinel.findings(POOL_NOT_DISPOSED)
         assert finding.evidence["pool"] == "direct" and finding.evidence["idle"] == 2
-        assert (
-            sample(registry, "asyncsentinel_findings_total", kind=POOL_NOT_DISPOSED, http_route="")
-            == 1
-        )
-        assert len(list(events_named(spans, "asyncsentinel.pool_not_disposed"))) == 1
-        assert any("'direct'" in m for m in log_lines(finding_logs, POOL_NOT_DISPOSED))
+        assert outputs.findings_total(POOL_NOT_DISPOSED, "") == 1
+        assert len(outputs.events(POOL_NOT_DISPOSED)) == 1
+        assert any("'direct'" in m for m in outputs.log_lines(POOL_NOT_DISPOSED))
     finally:
         await app.state.pool.close()
-        sentinel.close()
 
 
-async def test_pool_closed_at_shutdown_healthy_twin(postgres_url, registry, tracer_provider):
+async def test_pool_closed_at_shutdown_healthy_twin(postgres_url, outputs: Outputs):
     app = _app(postgres_url, min_size=2, max_size=2)
-    sentinel = instrument_app(app, registry, tracer_provider)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/fetch")).status_code == 200
-        assert sentinel.findings(POOL_NOT_DISPOSED) == []
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/fetch")).status_code == 200
+    assert sentinel.findings(POOL_NOT_DISPOSED) == []
 
 
 async def test_uninstall_restores_the_pool_class(postgres_url, make_sentinel):

@@ -9,7 +9,6 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -18,25 +17,15 @@ from sqlalchemy.orm import selectinload
 from asyncsentinel import N_PLUS_ONE, POOL_EXHAUSTED
 from tests.sources.dbapps import (
     Order,
+    Outputs,
+    culprit_of,
     dispose_at_shutdown,
-    events_named,
-    instrument_app,
     line_of,
-    log_lines,
-    pg_url,
     wait_until,
 )
-from tests.support import sample, serve
-
-__all__ = ["pg_url"]  # the fixture, imported so pytest finds it
+from tests.support import serve
 
 HERE = __file__
-
-
-def _instrument(
-    app: FastAPI, registry: CollectorRegistry, tracer_provider: object, **options: object
-):
-    return instrument_app(app, registry, tracer_provider, **options)
 
 
 def _orders_app(url: str) -> tuple[FastAPI, object]:
@@ -70,114 +59,56 @@ def _orders_app(url: str) -> tuple[FastAPI, object]:
 
 
 async def test_n_plus_one_through_awaitable_attrs_is_reported_with_the_culprit_line(
-    pg_url, registry, tracer_provider, spans, finding_logs
+    pg_url, outputs: Outputs
 ):
     app, _ = _orders_app(pg_url)
-    sentinel = _instrument(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     line = line_of(HERE, "# N+1 here")
-    try:
-        with serve(app) as base:
-            async with httpx.AsyncClient(base_url=base) as client:
-                response = await client.get("/orders/lazy")
-            assert response.status_code == 200 and len(response.json()) == 8
-            wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_findings_total",
-                        kind=N_PLUS_ONE,
-                        http_route="/orders/lazy",
-                    )
-                    == 1
-                )
-            )
-        (finding,) = sentinel.findings(N_PLUS_ONE)
-        assert finding.culprit is not None
-        assert (finding.culprit.filename, finding.culprit.lineno) == (HERE, line)
-        assert finding.evidence["count"] == 8  # one lazy load per order
-        assert finding.evidence["statement"].startswith("SELECT asdb_customers.id")
-        assert finding.evidence["db_system_name"] == "postgresql"
-        # The request span carries the event with the culprit, and the query count.
-        (span, event), *_ = events_named(spans, "asyncsentinel.n_plus_one")
-        assert span.name == "GET /orders/lazy"
-        assert event.attributes["code.file.path"] == HERE
-        assert event.attributes["code.line.number"] == line
-        assert span.attributes["asyncsentinel.db.query_count"] == 9  # the orders + 8 customers
-        assert span.attributes["asyncsentinel.db.duration"] > 0
-        (log_line,) = log_lines(finding_logs, N_PLUS_ONE)
-        assert f"on GET /orders/lazy at {HERE}:{line}" in log_line
-        assert "Stack (most recent call last)" in log_line
-        assert (
-            sample(registry, "asyncsentinel_request_db_queries_sum", http_route="/orders/lazy") == 9
-        )
-    finally:
-        sentinel.close()
+    with serve(app) as base:
+        async with httpx.AsyncClient(base_url=base) as client:
+            response = await client.get("/orders/lazy")
+        assert response.status_code == 200 and len(response.json()) == 8
+        wait_until(lambda: outputs.findings_total(N_PLUS_ONE, "/orders/lazy") == 1)
+    finding = outputs.assert_reported(sentinel, N_PLUS_ONE, "/orders/lazy", (HERE, line))
+    assert finding.evidence["count"] == 8  # one lazy load per order
+    assert finding.evidence["statement"].startswith("SELECT asdb_customers.id")
+    assert finding.evidence["db_system_name"] == "postgresql"
+    # The request span carries the event with the culprit, and the query count.
+    (span, _), *_ = outputs.events(N_PLUS_ONE)
+    assert span.attributes["asyncsentinel.db.query_count"] == 9  # the orders + 8 customers
+    assert span.attributes["asyncsentinel.db.duration"] > 0
+    (log_line,) = outputs.log_lines(N_PLUS_ONE)
+    assert f"on GET /orders/lazy at {HERE}:{line}" in log_line
+    assert "Stack (most recent call last)" in log_line
+    assert outputs.sample("asyncsentinel_request_db_queries_sum", http_route="/orders/lazy") == 9
 
 
-async def test_selectinload_healthy_twin_reports_no_n_plus_one(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_selectinload_healthy_twin_reports_no_n_plus_one(pg_url, outputs: Outputs):
     app, _ = _orders_app(pg_url)
-    sentinel = _instrument(app, registry, tracer_provider)
-    try:
-        with serve(app) as base:
-            async with httpx.AsyncClient(base_url=base) as client:
-                response = await client.get("/orders/eager")
-            assert response.status_code == 200 and len(response.json()) == 8
-            wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_request_db_queries_count",
-                        http_route="/orders/eager",
-                    )
-                    == 1
-                )
-            )
-        assert (
-            sample(registry, "asyncsentinel_request_db_queries_sum", http_route="/orders/eager")
-            == 2
-        )
-        assert sentinel.findings(N_PLUS_ONE) == []
-        assert (
-            sample(
-                registry,
-                "asyncsentinel_findings_total",
-                kind=N_PLUS_ONE,
-                http_route="/orders/eager",
-            )
-            == 0
-        )
-        assert list(events_named(spans, "asyncsentinel.n_plus_one")) == []
-        assert log_lines(finding_logs, N_PLUS_ONE) == []
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app)
+    with serve(app) as base:
+        async with httpx.AsyncClient(base_url=base) as client:
+            response = await client.get("/orders/eager")
+        assert response.status_code == 200 and len(response.json()) == 8
+        outputs.wait_for_requests("/orders/eager", 1)
+    assert outputs.sample("asyncsentinel_request_db_queries_sum", http_route="/orders/eager") == 2
+    outputs.assert_silent(sentinel, N_PLUS_ONE)
 
 
-async def test_per_row_queries_in_a_loop_are_n_plus_one(pg_url, registry, tracer_provider, spans):
+async def test_per_row_queries_in_a_loop_are_n_plus_one(pg_url, outputs: Outputs):
     app, _ = _orders_app(pg_url)
-    sentinel = _instrument(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     line = line_of(HERE, "# per row")
-    try:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            assert (await client.get("/orders/loop")).status_code == 200
-            assert (await client.get("/orders/loop")).status_code == 200
-        # Once per request: two requests, two findings; each counts the 6 executions.
-        assert (
-            sample(
-                registry, "asyncsentinel_findings_total", kind=N_PLUS_ONE, http_route="/orders/loop"
-            )
-            == 2
-        )
-        findings = sentinel.findings(N_PLUS_ONE)
-        assert [f.evidence["count"] for f in findings] == [6, 6]
-        assert {(f.culprit.filename, f.culprit.lineno) for f in findings if f.culprit} == {
-            (HERE, line)
-        }
-        assert len(list(events_named(spans, "asyncsentinel.n_plus_one"))) == 2
-    finally:
-        sentinel.close()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.get("/orders/loop")).status_code == 200
+        assert (await client.get("/orders/loop")).status_code == 200
+    # Once per request: two requests, two findings; each counts the 6 executions.
+    assert outputs.findings_total(N_PLUS_ONE, "/orders/loop") == 2
+    findings = sentinel.findings(N_PLUS_ONE)
+    assert [f.evidence["count"] for f in findings] == [6, 6]
+    assert {culprit_of(f) for f in findings if f.culprit} == {(HERE, line)}
+    assert len(outputs.events(N_PLUS_ONE)) == 2
 
 
 def _pool_app(url: str, **pool: object) -> FastAPI:
@@ -197,219 +128,91 @@ def _pool_app(url: str, **pool: object) -> FastAPI:
     return app
 
 
-async def test_pool_exhausted_when_checkouts_wait_for_a_small_pool(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+HOLD = "/hold/{seconds}"
+
+
+async def test_pool_exhausted_when_checkouts_wait_for_a_small_pool(pg_url, outputs: Outputs):
     app = _pool_app(pg_url, pool_size=1, max_overflow=0, pool_timeout=30)
-    sentinel = _instrument(app, registry, tracer_provider, pool_wait_seconds=0.1)
+    sentinel = outputs.instrument(app, pool_wait_seconds=0.1)
     line = line_of(HERE, "# pool culprit")
     pool_name = sentinel.instrument_engine(app.state.engine, name="orders-db")
-    try:
-        with serve(app) as base:
-            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                responses = await asyncio.gather(*(client.get("/hold/0.4") for _ in range(3)))
-            assert [r.status_code for r in responses] == [200, 200, 200]
-            wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_request_db_queries_count",
-                        http_route="/hold/{seconds}",
-                    )
-                    == 3
-                )
-            )
-        assert pool_name == "orders-db"
-        exhausted = sample(
-            registry,
-            "asyncsentinel_findings_total",
-            kind=POOL_EXHAUSTED,
-            http_route="/hold/{seconds}",
-        )
-        assert exhausted >= 1  # the requests that queued behind the one holding the connection
-        finding = sentinel.findings(POOL_EXHAUSTED)[0]
-        assert finding.culprit is not None and (
-            finding.culprit.filename,
-            finding.culprit.lineno,
-        ) == (HERE, line)
-        evidence = finding.evidence
-        assert evidence["pool"] == "orders-db"
-        assert evidence["pool_size"] == 1 and evidence["max_overflow"] == 0
-        assert evidence["used"] == 1 and evidence["waiters"] >= 1 and evidence["timed_out"] is False
-        assert evidence["wait_seconds"] > 0.1
-        (span, event), *_ = events_named(spans, "asyncsentinel.pool_exhausted")
-        assert span.name == "GET /hold/{seconds}" and event.attributes["code.line.number"] == line
-        assert any(f"at {HERE}:{line}" in m for m in log_lines(finding_logs, POOL_EXHAUSTED))
-        # Every checkout came back: nothing used, nothing waiting, nothing timed out.
-        assert (
-            sample(
-                registry,
-                "db_client_connection_count",
-                db_client_connection_pool_name="orders-db",
-                db_client_connection_state="used",
-            )
-            == 0
-        )
-        assert (
-            sample(
-                registry,
-                "db_client_connection_pending_requests",
-                db_client_connection_pool_name="orders-db",
-            )
-            == 0
-        )
-        assert (
-            sample(
-                registry,
-                "db_client_connection_timeouts_total",
-                db_client_connection_pool_name="orders-db",
-            )
-            == 0
-        )
-        assert (
-            sample(registry, "db_client_connection_max", db_client_connection_pool_name="orders-db")
-            == 1
-        )
-    finally:
-        sentinel.close()
+    with serve(app) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            responses = await asyncio.gather(*(client.get("/hold/0.4") for _ in range(3)))
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        outputs.wait_for_requests(HOLD, 3)
+    assert pool_name == "orders-db"
+    # At least one: the requests that queued behind the one holding the connection.
+    finding = outputs.assert_reported(sentinel, POOL_EXHAUSTED, HOLD, (HERE, line), count=None)
+    evidence = finding.evidence
+    assert evidence["pool"] == "orders-db"
+    assert evidence["pool_size"] == 1 and evidence["max_overflow"] == 0
+    assert evidence["used"] == 1 and evidence["waiters"] >= 1 and evidence["timed_out"] is False
+    assert evidence["wait_seconds"] > 0.1
+    # Every checkout came back: nothing used, nothing waiting, nothing timed out.
+    used = {"db_client_connection_state": "used"}
+    assert outputs.pool_sample("db_client_connection_count", "orders-db", **used) == 0
+    assert outputs.pool_sample("db_client_connection_pending_requests", "orders-db") == 0
+    assert outputs.pool_sample("db_client_connection_timeouts_total", "orders-db") == 0
+    assert outputs.pool_sample("db_client_connection_max", "orders-db") == 1
 
 
-async def test_pool_exhausted_when_a_checkout_times_out(pg_url, registry, tracer_provider, spans):
+async def test_pool_exhausted_when_a_checkout_times_out(pg_url, outputs: Outputs):
     app = _pool_app(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.3)
-    sentinel = _instrument(app, registry, tracer_provider, pool_wait_seconds=5.0)
+    sentinel = outputs.instrument(app, pool_wait_seconds=5.0)
     name = sentinel.instrument_engine(app.state.engine)
-    try:
-        with serve(app) as base:
-            async with httpx.AsyncClient(base_url=base, timeout=30) as client:
-                responses = await asyncio.gather(client.get("/hold/1.5"), client.get("/hold/1.5"))
-            assert sorted(r.status_code for r in responses) == [200, 503]
-            wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_request_db_queries_count",
-                        http_route="/hold/{seconds}",
-                    )
-                    == 2
-                )
-            )
-        assert (
-            sample(
-                registry, "db_client_connection_timeouts_total", db_client_connection_pool_name=name
-            )
-            == 1
-        )
-        (finding,) = sentinel.findings(POOL_EXHAUSTED)
-        assert finding.evidence["timed_out"] is True
-        assert finding.evidence["pool_timeout_seconds"] == pytest.approx(0.3)
-        assert finding.culprit is not None and finding.culprit.lineno == line_of(
-            HERE, "# pool culprit"
-        )
-        assert (
-            sample(
-                registry,
-                "asyncsentinel_findings_total",
-                kind=POOL_EXHAUSTED,
-                http_route="/hold/{seconds}",
-            )
-            == 1
-        )
-        assert len(list(events_named(spans, "asyncsentinel.pool_exhausted"))) == 1
-    finally:
-        sentinel.close()
+    with serve(app) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            responses = await asyncio.gather(client.get("/hold/1.5"), client.get("/hold/1.5"))
+        assert sorted(r.status_code for r in responses) == [200, 503]
+        outputs.wait_for_requests(HOLD, 2)
+    assert outputs.pool_sample("db_client_connection_timeouts_total", name) == 1
+    (finding,) = sentinel.findings(POOL_EXHAUSTED)
+    assert finding.evidence["timed_out"] is True
+    assert finding.evidence["pool_timeout_seconds"] == pytest.approx(0.3)
+    assert finding.culprit is not None and finding.culprit.lineno == line_of(HERE, "# pool culprit")
+    assert outputs.findings_total(POOL_EXHAUSTED, HOLD) == 1
+    assert len(outputs.events(POOL_EXHAUSTED)) == 1
 
 
-async def test_pool_healthy_twin_sequential_requests_never_wait(
-    pg_url, registry, tracer_provider, spans
-):
+async def test_pool_healthy_twin_sequential_requests_never_wait(pg_url, outputs: Outputs):
     app = _pool_app(pg_url, pool_size=1, max_overflow=0, pool_timeout=30)
-    sentinel = _instrument(app, registry, tracer_provider, pool_wait_seconds=0.1)
-    try:
-        with serve(app) as base:
-            async with httpx.AsyncClient(base_url=base) as client:
-                for _ in range(3):
-                    assert (await client.get("/hold/0.05")).status_code == 200
-            wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_request_db_queries_count",
-                        http_route="/hold/{seconds}",
-                    )
-                    == 3
-                )
-            )
-        assert sentinel.findings(POOL_EXHAUSTED) == []
-        assert list(events_named(spans, "asyncsentinel.pool_exhausted")) == []
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app, pool_wait_seconds=0.1)
+    with serve(app) as base:
+        async with httpx.AsyncClient(base_url=base) as client:
+            for _ in range(3):
+                assert (await client.get("/hold/0.05")).status_code == 200
+        outputs.wait_for_requests(HOLD, 3)
+    assert sentinel.findings(POOL_EXHAUSTED) == []
+    assert outputs.events(POOL_EXHAUSTED) == []
 
 
-async def test_pool_accounting_is_exact_after_200_concurrent_requests(
-    pg_url, registry, tracer_provider
-):
+async def test_pool_accounting_is_exact_after_200_concurrent_requests(pg_url, outputs: Outputs):
     app = _pool_app(pg_url, pool_size=3, max_overflow=2, pool_timeout=60)
-    sentinel = _instrument(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     engine = app.state.engine
     name = sentinel.instrument_engine(engine, name="load")
 
     def level(state: str) -> float:
-        return sample(
-            registry,
-            "db_client_connection_count",
-            db_client_connection_pool_name=name,
-            db_client_connection_state=state,
+        return outputs.pool_sample(
+            "db_client_connection_count", name, db_client_connection_state=state
         )
 
-    try:
-        with serve(app) as base:
-            limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-            async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
-                responses = await asyncio.gather(*(client.get("/hold/0") for _ in range(200)))
-            assert {r.status_code for r in responses} == {200}
-            wait_until(
-                lambda: (
-                    sample(
-                        registry,
-                        "asyncsentinel_request_db_queries_count",
-                        http_route="/hold/{seconds}",
-                    )
-                    == 200
-                )
-            )
-            checkouts = sample(
-                registry,
-                "db_client_connection_wait_time_seconds_count",
-                db_client_connection_pool_name=name,
-            )
-            checkins = sample(
-                registry,
-                "db_client_connection_use_time_seconds_count",
-                db_client_connection_pool_name=name,
-            )
-            assert checkouts == checkins == 200
-            assert level("used") == 0
-            assert (
-                sample(
-                    registry,
-                    "db_client_connection_pending_requests",
-                    db_client_connection_pool_name=name,
-                )
-                == 0
-            )
-            # Overflow connections were closed on return; the pool keeps at most pool_size.
-            assert level("idle") == engine.sync_engine.pool.checkedin() <= 3
-            created = sample(
-                registry,
-                "db_client_connection_create_time_seconds_count",
-                db_client_connection_pool_name=name,
-            )
-            assert 1 <= created <= 200
-            assert (
-                sample(registry, "db_client_connection_max", db_client_connection_pool_name=name)
-                == 5
-            )
-        # The lifespan disposed the engine: no connection is left.
-        assert level("idle") == 0 and level("used") == 0
-    finally:
-        sentinel.close()
+    with serve(app) as base:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+            responses = await asyncio.gather(*(client.get("/hold/0") for _ in range(200)))
+        assert {r.status_code for r in responses} == {200}
+        outputs.wait_for_requests(HOLD, 200)
+        checkouts = outputs.pool_sample("db_client_connection_wait_time_seconds_count", name)
+        checkins = outputs.pool_sample("db_client_connection_use_time_seconds_count", name)
+        assert checkouts == checkins == 200
+        assert level("used") == 0
+        assert outputs.pool_sample("db_client_connection_pending_requests", name) == 0
+        # Overflow connections were closed on return; the pool keeps at most pool_size.
+        assert level("idle") == engine.sync_engine.pool.checkedin() <= 3
+        created = outputs.pool_sample("db_client_connection_create_time_seconds_count", name)
+        assert 1 <= created <= 200
+        assert outputs.pool_sample("db_client_connection_max", name) == 5
+    # The lifespan disposed the engine: no connection is left.
+    assert level("idle") == 0 and level("used") == 0

@@ -27,52 +27,19 @@ from asyncsentinel import (
     Severity,
 )
 from tests.sources.dbapps import (
-    async_wait_until,
+    Outputs,
+    add_select_one,
+    culprit_of,
     dispose_at_shutdown,
-    events_named,
-    instrument_app,
     line_of,
-    log_lines,
-    pg_url,
     running,
 )
-from tests.support import sample
-
-__all__ = ["pg_url"]
 
 HERE = __file__
 
 
-def findings_total(registry: object, kind: str, route: str) -> float:
-    return sample(registry, "asyncsentinel_findings_total", kind=kind, http_route=route)  # type: ignore[arg-type]
-
-
-def assert_reported(sentinel, registry, spans, caplog, kind: str, route: str, line: int) -> None:
-    """The finding is in the metric, on the request span and in a log line naming file:line."""
-    assert findings_total(registry, kind, route) == 1
-    (finding,) = sentinel.findings(kind)
-    assert finding.culprit is not None
-    assert (finding.culprit.filename, finding.culprit.lineno) == (HERE, line)
-    (span, event), *_ = events_named(spans, f"asyncsentinel.{kind}")
-    assert span.name == f"GET {route}"
-    assert (event.attributes["code.file.path"], event.attributes["code.line.number"]) == (
-        HERE,
-        line,
-    )
-    assert any(f"on GET {route} at {HERE}:{line}" in m for m in log_lines(caplog, kind))
-
-
-def assert_not_reported(sentinel, registry, spans, caplog, kind: str, route: str) -> None:
-    assert findings_total(registry, kind, route) == 0
-    assert sentinel.findings(kind) == []
-    assert list(events_named(spans, f"asyncsentinel.{kind}")) == []
-    assert log_lines(caplog, kind) == []
-
-
 # --- slow_query -----------------------------------------------------------------------------------
-async def test_slow_query_reports_the_statement_shape_and_line(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_slow_query_reports_the_statement_shape_and_line(pg_url, outputs: Outputs):
     engine = create_async_engine(pg_url, pool_pre_ping=True)
     app = FastAPI(lifespan=dispose_at_shutdown(engine))
 
@@ -82,39 +49,25 @@ async def test_slow_query_reports_the_statement_shape_and_line(
             await conn.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})  # slow statement
         return {"slept": seconds}
 
-    sentinel = instrument_app(app, registry, tracer_provider, slow_query_seconds=0.1)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/report")).status_code == 200
-        assert_reported(
-            sentinel,
-            registry,
-            spans,
-            finding_logs,
-            SLOW_QUERY,
-            "/report",
-            line_of(HERE, "# slow statement"),
+    sentinel = outputs.instrument(app, slow_query_seconds=0.1)
+    async with running(app) as client:
+        assert (await client.get("/report")).status_code == 200
+    culprit = (HERE, line_of(HERE, "# slow statement"))
+    finding = outputs.assert_reported(sentinel, SLOW_QUERY, "/report", culprit)
+    assert finding.evidence["statement"] == "SELECT pg_sleep(?)"
+    assert finding.evidence["duration_seconds"] >= 0.1
+    assert (
+        outputs.sample(
+            "db_client_operation_duration_seconds_count",
+            db_system_name="postgresql",
+            db_operation_name="SELECT",
+            db_client_connection_pool_name=sentinel.instrument_engine(engine),
         )
-        (finding,) = sentinel.findings(SLOW_QUERY)
-        assert finding.evidence["statement"] == "SELECT pg_sleep(?)"
-        assert finding.evidence["duration_seconds"] >= 0.1
-        assert (
-            sample(
-                registry,
-                "db_client_operation_duration_seconds_count",
-                db_system_name="postgresql",
-                db_operation_name="SELECT",
-                db_client_connection_pool_name=sentinel.instrument_engine(engine),
-            )
-            >= 1
-        )
-    finally:
-        sentinel.close()
+        >= 1
+    )
 
 
-async def test_fast_query_healthy_twin_is_not_slow(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_fast_query_healthy_twin_is_not_slow(pg_url, outputs: Outputs):
     engine = create_async_engine(pg_url, pool_pre_ping=True)
     app = FastAPI(lifespan=dispose_at_shutdown(engine))
 
@@ -124,13 +77,10 @@ async def test_fast_query_healthy_twin_is_not_slow(
             await conn.execute(text("SELECT pg_sleep(0)"))
         return {"slept": 0}
 
-    sentinel = instrument_app(app, registry, tracer_provider, slow_query_seconds=0.25)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/report")).status_code == 200
-        assert_not_reported(sentinel, registry, spans, finding_logs, SLOW_QUERY, "/report")
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app, slow_query_seconds=0.25)
+    async with running(app) as client:
+        assert (await client.get("/report")).status_code == 200
+    outputs.assert_silent(sentinel, SLOW_QUERY)
 
 
 # --- sync_db_on_event_loop ------------------------------------------------------------------------
@@ -167,45 +117,35 @@ def _sqlite_app(tmp_path: Path) -> FastAPI:
     return app
 
 
-async def test_sync_engine_on_the_event_loop_is_reported(
-    tmp_path, registry, tracer_provider, spans, finding_logs
-):
+async def test_sync_engine_on_the_event_loop_is_reported(tmp_path, outputs: Outputs):
     app = _sqlite_app(tmp_path)
-    sentinel = instrument_app(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     try:
         async with running(app) as client:
             assert (await client.get("/sync-in-async")).status_code == 200
-        assert_reported(
-            sentinel,
-            registry,
-            spans,
-            finding_logs,
-            SYNC_DB_ON_EVENT_LOOP,
-            "/sync-in-async",
-            line_of(HERE, "# blocks"),
+        culprit = (HERE, line_of(HERE, "# blocks"))
+        finding = outputs.assert_reported(
+            sentinel, SYNC_DB_ON_EVENT_LOOP, "/sync-in-async", culprit
         )
-        (finding,) = sentinel.findings(SYNC_DB_ON_EVENT_LOOP)
         assert finding.evidence["driver"] == "pysqlite"
         assert finding.evidence["db_system_name"] == "sqlite"
     finally:
         app.state.sync_engine.dispose()
-        sentinel.close()
 
 
 @pytest.mark.parametrize("route", ["/to-thread", "/sync-route", "/aiosqlite"])
 async def test_sync_engine_off_the_loop_and_async_engines_are_healthy(
-    route, tmp_path, registry, tracer_provider, spans, finding_logs
+    route, tmp_path, outputs: Outputs
 ):
     app = _sqlite_app(tmp_path)
-    sentinel = instrument_app(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     try:
         async with running(app) as client:
             assert (await client.get(route)).status_code == 200
-        assert sample(registry, "asyncsentinel_request_db_queries_sum", http_route=route) == 1
-        assert_not_reported(sentinel, registry, spans, finding_logs, SYNC_DB_ON_EVENT_LOOP, route)
+        assert outputs.sample("asyncsentinel_request_db_queries_sum", http_route=route) == 1
+        outputs.assert_silent(sentinel, SYNC_DB_ON_EVENT_LOOP)
     finally:
         app.state.sync_engine.dispose()
-        sentinel.close()
 
 
 # --- engine_created_in_request --------------------------------------------------------------------
@@ -230,40 +170,21 @@ def _engine_app(url: str) -> FastAPI:
     return app
 
 
-async def test_engine_created_in_a_request_is_reported(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_engine_created_in_a_request_is_reported(pg_url, outputs: Outputs):
     app = _engine_app(pg_url)
-    sentinel = instrument_app(app, registry, tracer_provider)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/per-request")).status_code == 200
-        assert_reported(
-            sentinel,
-            registry,
-            spans,
-            finding_logs,
-            ENGINE_CREATED_IN_REQUEST,
-            "/per-request",
-            line_of(HERE, "# engine per request"),
-        )
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/per-request")).status_code == 200
+    culprit = (HERE, line_of(HERE, "# engine per request"))
+    outputs.assert_reported(sentinel, ENGINE_CREATED_IN_REQUEST, "/per-request", culprit)
 
 
-async def test_engine_created_at_startup_is_healthy(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_engine_created_at_startup_is_healthy(pg_url, outputs: Outputs):
     app = _engine_app(pg_url)
-    sentinel = instrument_app(app, registry, tracer_provider)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/shared")).status_code == 200
-        assert_not_reported(
-            sentinel, registry, spans, finding_logs, ENGINE_CREATED_IN_REQUEST, "/shared"
-        )
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/shared")).status_code == 200
+    outputs.assert_silent(sentinel, ENGINE_CREATED_IN_REQUEST)
 
 
 # --- connection_leaked ----------------------------------------------------------------------------
@@ -291,90 +212,58 @@ def _leaky_app(url: str) -> tuple[FastAPI, list[AsyncConnection]]:
     return app, kept
 
 
-async def test_connection_still_checked_out_after_the_request_is_leaked(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_connection_still_checked_out_after_the_request_is_leaked(pg_url, outputs: Outputs):
     app, kept = _leaky_app(pg_url)
-    sentinel = instrument_app(app, registry, tracer_provider, connection_leak_seconds=0.2)
+    sentinel = outputs.instrument(app, connection_leak_seconds=0.2)
     line = line_of(HERE, "# never closed")
-    try:
-        async with running(app) as client:
-            assert (await client.get("/kept")).status_code == 200
-            await async_wait_until(
-                lambda: findings_total(registry, CONNECTION_LEAKED, "/kept") == 1
-            )
-            (finding,) = sentinel.findings(CONNECTION_LEAKED)
-            assert finding.culprit is not None
-            assert (finding.culprit.filename, finding.culprit.lineno) == (HERE, line)
-            assert finding.evidence["garbage_collected"] is False
-            assert finding.evidence["held_seconds"] >= 0.2
-            # The request span had ended: the event is on a finding span linked to it.
-            (span, event), *_ = events_named(spans, "asyncsentinel.connection_leaked")
-            assert event.attributes["code.line.number"] == line
-            assert span.links and event.attributes["http.route"] == "/kept"
-            assert any(
-                f"on GET /kept at {HERE}:{line}" in m
-                for m in log_lines(finding_logs, CONNECTION_LEAKED)
-            )
-            await kept.pop().close()
-    finally:
-        sentinel.close()
+    async with running(app) as client:
+        assert (await client.get("/kept")).status_code == 200
+        # The request span had ended: the event is on a finding span linked to it.
+        finding = await outputs.wait_reported_after_request(
+            sentinel, CONNECTION_LEAKED, "/kept", (HERE, line)
+        )
+        assert finding.evidence["garbage_collected"] is False
+        assert finding.evidence["held_seconds"] >= 0.2
+        await kept.pop().close()
 
 
-async def test_connection_garbage_collected_while_checked_out_is_leaked(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_connection_garbage_collected_while_checked_out_is_leaked(pg_url, outputs: Outputs):
     app, _ = _leaky_app(pg_url)
-    sentinel = instrument_app(app, registry, tracer_provider, connection_leak_seconds=30)
-    try:
-        async with running(app) as client:
-            # SQLAlchemy terminates such a connection and warns about it; we report the line.
-            with pytest.warns(sa_exc.SAWarning, match="garbage collector"):  # noqa: PT031 - gc may run in the request or after
-                assert (await client.get("/forgotten")).status_code == 200
-                gc.collect()
-            (finding,) = sentinel.findings(CONNECTION_LEAKED)
-            assert finding.evidence["garbage_collected"] is True
-            assert finding.evidence["object"] == "connection"
-            assert finding.culprit is not None
-            assert finding.culprit.lineno == line_of(HERE, "# dropped without close")
-            assert findings_total(registry, CONNECTION_LEAKED, "/forgotten") == 1
-            assert len(list(events_named(spans, "asyncsentinel.connection_leaked"))) == 1
-    finally:
-        sentinel.close()
-
-
-async def test_connection_closed_in_the_request_is_healthy(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
-    app, _ = _leaky_app(pg_url)
-    sentinel = instrument_app(app, registry, tracer_provider, connection_leak_seconds=0.1)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/closed")).status_code == 200
-            await asyncio.sleep(0.4)  # well past connection_leak_seconds
+    sentinel = outputs.instrument(app, connection_leak_seconds=30)
+    async with running(app) as client:
+        # SQLAlchemy terminates such a connection and warns about it; we report the line.
+        with pytest.warns(sa_exc.SAWarning, match="garbage collector"):  # noqa: PT031 - gc may run in the request or after
+            assert (await client.get("/forgotten")).status_code == 200
             gc.collect()
-        assert_not_reported(sentinel, registry, spans, finding_logs, CONNECTION_LEAKED, "/closed")
-    finally:
-        sentinel.close()
+        (finding,) = sentinel.findings(CONNECTION_LEAKED)
+        assert finding.evidence["garbage_collected"] is True
+        assert finding.evidence["object"] == "connection"
+        assert finding.culprit is not None
+        assert finding.culprit.lineno == line_of(HERE, "# dropped without close")
+        assert outputs.findings_total(CONNECTION_LEAKED, "/forgotten") == 1
+        assert len(outputs.events(CONNECTION_LEAKED)) == 1
+
+
+async def test_connection_closed_in_the_request_is_healthy(pg_url, outputs: Outputs):
+    app, _ = _leaky_app(pg_url)
+    sentinel = outputs.instrument(app, connection_leak_seconds=0.1)
+    async with running(app) as client:
+        assert (await client.get("/closed")).status_code == 200
+        await asyncio.sleep(0.4)  # well past connection_leak_seconds
+        gc.collect()
+    outputs.assert_silent(sentinel, CONNECTION_LEAKED)
 
 
 # --- pool_not_disposed ----------------------------------------------------------------------------
-async def test_engine_not_disposed_at_shutdown_is_reported(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_engine_not_disposed_at_shutdown_is_reported(pg_url, outputs: Outputs):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = create_async_engine(pg_url, pool_pre_ping=True)  # never disposed
         yield  # ... and no dispose() here
 
     app = FastAPI(lifespan=lifespan)
-
-    @app.get("/one")
-    async def one() -> dict[str, int]:
-        async with app.state.engine.connect() as conn:
-            return {"one": (await conn.execute(text("SELECT 1"))).scalar_one()}
-
-    sentinel = instrument_app(app, registry, tracer_provider)
+    add_select_one(app, lambda: app.state.engine)
+    sentinel = outputs.instrument(app)
     line = line_of(HERE, "# never disposed")
     try:
         async with running(app) as client:
@@ -382,33 +271,25 @@ async def test_engine_not_disposed_at_shutdown_is_reported(
             assert sentinel.findings(POOL_NOT_DISPOSED) == []
         # The shutdown check ran when the lifespan ended.
         (finding,) = sentinel.findings(POOL_NOT_DISPOSED)
-        assert finding.culprit is not None
-        assert (finding.culprit.filename, finding.culprit.lineno) == (HERE, line)
+        assert culprit_of(finding) == (HERE, line)
         assert finding.evidence["idle"] == 1 and finding.evidence["used"] == 0
-        assert findings_total(registry, POOL_NOT_DISPOSED, "") == 1
-        (_, event), *_ = events_named(spans, "asyncsentinel.pool_not_disposed")
+        assert outputs.findings_total(POOL_NOT_DISPOSED, "") == 1
+        (_, event), *_ = outputs.events(POOL_NOT_DISPOSED)
         assert event.attributes["code.line.number"] == line
         assert any(
-            f"outside a request at {HERE}:{line}" in m
-            for m in log_lines(finding_logs, POOL_NOT_DISPOSED)
+            f"outside a request at {HERE}:{line}" in m for m in outputs.log_lines(POOL_NOT_DISPOSED)
         )
     finally:
         await app.state.engine.dispose()
-        sentinel.close()
 
 
 async def test_engine_created_before_instrumenting_is_still_checked_at_shutdown(
-    pg_url, registry, tracer_provider, finding_logs
+    pg_url, outputs: Outputs
 ):
     engine = create_async_engine(pg_url, pool_pre_ping=True)  # before the Sentinel exists
     app = FastAPI()
-
-    @app.get("/one")
-    async def one() -> dict[str, int]:
-        async with engine.connect() as conn:
-            return {"one": (await conn.execute(text("SELECT 1"))).scalar_one()}
-
-    sentinel = instrument_app(app, registry, tracer_provider, engines=[engine])
+    add_select_one(app, lambda: engine)
+    sentinel = outputs.instrument(app, engines=[engine])
     try:
         async with running(app) as client:
             assert (await client.get("/one")).status_code == 200
@@ -417,30 +298,19 @@ async def test_engine_created_before_instrumenting_is_still_checked_at_shutdown(
         # which engine it is.
         assert finding.culprit is None
         assert finding.evidence["pool"] == sentinel.instrument_engine(engine)
-        assert finding.evidence["pool"] in log_lines(finding_logs, POOL_NOT_DISPOSED)[0]
+        assert finding.evidence["pool"] in outputs.log_lines(POOL_NOT_DISPOSED)[0]
     finally:
         await engine.dispose()
-        sentinel.close()
 
 
-async def test_engine_disposed_in_the_lifespan_is_healthy(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_engine_disposed_in_the_lifespan_is_healthy(pg_url, outputs: Outputs):
     engine = create_async_engine(pg_url, pool_pre_ping=True)
     app = FastAPI(lifespan=dispose_at_shutdown(engine))
-
-    @app.get("/one")
-    async def one() -> dict[str, int]:
-        async with engine.connect() as conn:
-            return {"one": (await conn.execute(text("SELECT 1"))).scalar_one()}
-
-    sentinel = instrument_app(app, registry, tracer_provider)
-    try:
-        async with running(app) as client:
-            assert (await client.get("/one")).status_code == 200
-        assert_not_reported(sentinel, registry, spans, finding_logs, POOL_NOT_DISPOSED, "")
-    finally:
-        sentinel.close()
+    add_select_one(app, lambda: engine)
+    sentinel = outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/one")).status_code == 200
+    outputs.assert_silent(sentinel, POOL_NOT_DISPOSED)
 
 
 # --- pool_pre_ping advice -------------------------------------------------------------------------
@@ -452,63 +322,46 @@ def _app_creating_engine(url: str, **options: object) -> FastAPI:
         await app.state.engine.dispose()
 
     app = FastAPI(lifespan=lifespan)
-
-    @app.get("/one")
-    async def one() -> dict[str, int]:
-        async with app.state.engine.connect() as conn:
-            return {"one": (await conn.execute(text("SELECT 1"))).scalar_one()}
-
+    add_select_one(app, lambda: app.state.engine)
     return app
 
 
-async def test_pool_pre_ping_off_gets_advice_once(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_pool_pre_ping_off_gets_advice_once(pg_url, outputs: Outputs):
     app = _app_creating_engine(pg_url)
-    sentinel = instrument_app(app, registry, tracer_provider)
+    sentinel = outputs.instrument(app)
     line = line_of(HERE, "# engine options")
-    try:
-        async with running(app) as client:
-            for _ in range(3):
-                assert (await client.get("/one")).status_code == 200
-        (advice,) = sentinel.findings(DB_CONFIGURATION_ADVICE)
-        assert advice.severity is Severity.INFO
-        assert advice.evidence["setting"] == "pool_pre_ping"
-        assert advice.culprit is not None and advice.culprit.lineno == line
-        assert findings_total(registry, DB_CONFIGURATION_ADVICE, "") == 1
-        (record,) = [
-            r
-            for r in finding_logs.records
-            if r.getMessage().startswith("asyncsentinel db_configuration_advice")
-        ]
-        assert record.levelname == "INFO" and f"{HERE}:{line}" in record.getMessage()
-        assert len(list(events_named(spans, "asyncsentinel.db_configuration_advice"))) == 1
-    finally:
-        sentinel.close()
-
-
-async def test_pool_pre_ping_on_gets_no_advice(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
-    app = _app_creating_engine(pg_url, pool_pre_ping=True)
-    sentinel = instrument_app(app, registry, tracer_provider)
-    try:
-        async with running(app) as client:
+    async with running(app) as client:
+        for _ in range(3):
             assert (await client.get("/one")).status_code == 200
-        pre_ping = [
-            f
-            for f in sentinel.findings(DB_CONFIGURATION_ADVICE)
-            if f.evidence.get("setting") == "pool_pre_ping"
-        ]
-        assert pre_ping == []
-    finally:
-        sentinel.close()
+    (advice,) = sentinel.findings(DB_CONFIGURATION_ADVICE)
+    assert advice.severity is Severity.INFO
+    assert advice.evidence["setting"] == "pool_pre_ping"
+    assert advice.culprit is not None and advice.culprit.lineno == line
+    assert outputs.findings_total(DB_CONFIGURATION_ADVICE, "") == 1
+    (record,) = [
+        r
+        for r in outputs.logs.records
+        if r.getMessage().startswith("asyncsentinel db_configuration_advice")
+    ]
+    assert record.levelname == "INFO" and f"{HERE}:{line}" in record.getMessage()
+    assert len(outputs.events(DB_CONFIGURATION_ADVICE)) == 1
+
+
+async def test_pool_pre_ping_on_gets_no_advice(pg_url, outputs: Outputs):
+    app = _app_creating_engine(pg_url, pool_pre_ping=True)
+    sentinel = outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/one")).status_code == 200
+    pre_ping = [
+        f
+        for f in sentinel.findings(DB_CONFIGURATION_ADVICE)
+        if f.evidence.get("setting") == "pool_pre_ping"
+    ]
+    assert pre_ping == []
 
 
 # --- nothing secret leaves the process ------------------------------------------------------------
-async def test_literals_and_bind_values_appear_in_no_output(
-    pg_url, registry, tracer_provider, spans, finding_logs
-):
+async def test_literals_and_bind_values_appear_in_no_output(pg_url, outputs: Outputs):
     engine = create_async_engine(pg_url)
     app = FastAPI(lifespan=dispose_at_shutdown(engine))
     # Values live on lines of their own: stacks in findings show the source lines they pass
@@ -523,26 +376,21 @@ async def test_literals_and_bind_values_appear_in_no_output(
                 row = (await conn.execute(statement, params)).one()
         return {"ok": str(row.b == params["p"])}
 
-    sentinel = instrument_app(
-        app, registry, tracer_provider, slow_query_seconds=1e-6, connection_leak_seconds=0.05
-    )
-    try:
-        async with running(app) as client:
-            assert (await client.get("/secret")).json() == {"ok": "True"}
-        kinds = {f.kind for f in sentinel.findings()}
-        assert {"n_plus_one", "slow_query"} <= kinds
-        outputs = [sentinel.render_metrics()[0].decode()]
-        for span in spans.get_finished_spans():
-            outputs.append(span.name)
-            outputs.append(json.dumps(dict(span.attributes or {}), default=str))
-            outputs.extend(json.dumps(dict(e.attributes or {}), default=str) for e in span.events)
-        for record in finding_logs.records:
-            outputs.append(record.getMessage())
-            outputs.append(json.dumps(getattr(record, "asyncsentinel", {}), default=str))
-        outputs.extend(json.dumps(f.as_dict(), default=str) for f in sentinel.findings())
-        everything = "\n".join(outputs)
-        assert "SELECT ? AS a, CAST(? AS text) AS b, ? AS c" in everything
-        for secret in ("s3cr3t", "42424242"):
-            assert secret not in everything
-    finally:
-        sentinel.close()
+    sentinel = outputs.instrument(app, slow_query_seconds=1e-6, connection_leak_seconds=0.05)
+    async with running(app) as client:
+        assert (await client.get("/secret")).json() == {"ok": "True"}
+    kinds = {f.kind for f in sentinel.findings()}
+    assert {"n_plus_one", "slow_query"} <= kinds
+    outputs_text = [sentinel.render_metrics()[0].decode()]
+    for span in outputs.spans.get_finished_spans():
+        outputs_text.append(span.name)
+        outputs_text.append(json.dumps(dict(span.attributes or {}), default=str))
+        outputs_text.extend(json.dumps(dict(e.attributes or {}), default=str) for e in span.events)
+    for record in outputs.logs.records:
+        outputs_text.append(record.getMessage())
+        outputs_text.append(json.dumps(getattr(record, "asyncsentinel", {}), default=str))
+    outputs_text.extend(json.dumps(f.as_dict(), default=str) for f in sentinel.findings())
+    everything = "\n".join(outputs_text)
+    assert "SELECT ? AS a, CAST(? AS text) AS b, ? AS c" in everything
+    for secret in ("s3cr3t", "42424242"):
+        assert secret not in everything

@@ -18,7 +18,7 @@ from asyncsentinel import CONNECTION_LEAKED
 from asyncsentinel.context import enter_request, exit_request
 from asyncsentinel.instruments import FINDINGS
 from asyncsentinel.sources.sqlalchemy import SQLAlchemySource
-from asyncsentinel.sources.sqlalchemy_pool import default_pool_name
+from asyncsentinel.sources.sqlalchemy_engines import default_pool_name
 from tests.support import sample
 
 

@@ -13,9 +13,8 @@ import contextlib
 import gc
 import os
 import tempfile
-import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -24,9 +23,6 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client import CollectorRegistry
 from sqlalchemy import ForeignKey, create_engine, func, select, text
 from sqlalchemy.exc import InvalidRequestError, MissingGreenlet
 from sqlalchemy.ext.asyncio import (
@@ -47,7 +43,6 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.pool import NullPool
 
-import asyncsentinel
 from asyncsentinel import (
     CONNECTION_LEAKED,
     DB_CONFIGURATION_ADVICE,
@@ -56,9 +51,10 @@ from asyncsentinel import (
     Sentinel,
 )
 from asyncsentinel.sources.sqlalchemy_sessions import SQLAlchemySessionSource
-from tests.support import asyncpg_sqlalchemy_url, sample, serve
+from tests.sources.dbapps import Outputs, line_of
+from tests.support import asyncpg_sqlalchemy_url, serve
 
-FINDINGS = "asyncsentinel_findings_total"
+HERE = __file__
 SECRET = "sk_live_4f9Qz7SECRETVALUE"  # must never reach a metric, span or log
 
 
@@ -83,23 +79,9 @@ class Book(Base):
     author: Mapped[Author] = relationship(back_populates="books", lazy="raise")
 
 
-def line_of(marker: str) -> int:
+def at(marker: str) -> tuple[str, int]:
     """The line of this file that carries ``# <- marker``: the expected culprit."""
-    with open(__file__, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.rstrip().endswith(f"# <- {marker}"):
-                return number
-    raise AssertionError(f"marker {marker!r} not found")
-
-
-def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll *predicate* until it is truthy (the server thread ends spans after the response)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
+    return HERE, line_of(HERE, f"# <- {marker}")
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +126,7 @@ async def get_db(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_db)]
 
 
-def make_app(
-    url: str,
-    registry: CollectorRegistry,
-    tracer_provider: TracerProvider,
-    **engine_options: Any,
-) -> tuple[FastAPI, Db, Sentinel]:
+def make_app(url: str, outputs: Outputs, **engine_options: Any) -> tuple[FastAPI, Db, Sentinel]:
     db = Db()
 
     @asynccontextmanager
@@ -164,94 +141,25 @@ def make_app(
 
     app = FastAPI(lifespan=lifespan)
     app.state.db = db
-    sentinel = asyncsentinel.instrument(
-        app,
-        registry=registry,
-        tracer_provider=tracer_provider,
-        log_rate_limit_seconds=0,
-        server_span=True,
-    )
-    return app, db, sentinel
+    return app, db, outputs.instrument(app)
+
+
+AppFactory = Callable[..., tuple[FastAPI, Db, Sentinel]]
 
 
 @pytest.fixture
-def app_factory(
-    database: str, registry: CollectorRegistry, tracer_provider: TracerProvider
-) -> Iterator[Callable[..., tuple[FastAPI, Db, Sentinel]]]:
-    made: list[Sentinel] = []
+def app_factory(database: str, outputs: Outputs) -> AppFactory:
+    """Apps on the module's database, instrumented (closed after the test by ``outputs``)."""
 
     def factory(**engine_options: Any) -> tuple[FastAPI, Db, Sentinel]:
-        app, db, sentinel = make_app(database, registry, tracer_provider, **engine_options)
-        made.append(sentinel)
-        return app, db, sentinel
+        return make_app(database, outputs, **engine_options)
 
-    yield factory
-    for sentinel in made:
-        sentinel.close()
+    return factory
 
 
-def span_events(spans: InMemorySpanExporter, kind: str) -> list[dict[str, Any]]:
-    return [
-        dict(event.attributes or {})
-        for span in spans.get_finished_spans()
-        for event in span.events
-        if event.name == f"asyncsentinel.{kind}"
-    ]
-
-
-def log_lines(logs: pytest.LogCaptureFixture, kind: str) -> list[str]:
-    return [r.getMessage() for r in logs.records if f"asyncsentinel {kind} " in r.getMessage()]
-
-
-def assert_reported(
-    kind: str,
-    route: str,
-    marker: str,
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    logs: pytest.LogCaptureFixture,
-) -> dict[str, Any]:
-    """The finding reached all three outputs with the culprit at ``# <- marker``; its event."""
-    line = line_of(marker)
-    assert eventually(lambda: sample(registry, FINDINGS, kind=kind, http_route=route)) >= 1
-    events = eventually(
-        lambda: [
-            e
-            for e in span_events(spans, kind)
-            if e.get("code.file.path") == __file__ and e.get("code.line.number") == line
-        ]
-    )
-    assert events, f"no span event for {kind} at line {line}: {span_events(spans, kind)}"
-    assert any(f"{__file__}:{line}" in text for text in log_lines(logs, kind)), log_lines(
-        logs, kind
-    )
-    return events[0]
-
-
-def assert_silent(
-    kind: str,
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    logs: pytest.LogCaptureFixture,
-    sentinel: Sentinel,
-) -> None:
-    assert sentinel.findings(kind) == []
-    assert span_events(spans, kind) == []
-    assert log_lines(logs, kind) == []
-    counted = [
-        sample.value
-        for metric in registry.collect()
-        for sample in metric.samples
-        if sample.name == FINDINGS and sample.labels.get("kind") == kind
-    ]
-    assert sum(counted) == 0, counted  # on no route at all
-
-
-def assert_no_secret(
-    spans: InMemorySpanExporter, logs: pytest.LogCaptureFixture, s: Sentinel
-) -> None:
-    assert all(SECRET not in r.getMessage() for r in logs.records)
-    for span in spans.get_finished_spans():
+def assert_no_secret(outputs: Outputs, s: Sentinel) -> None:
+    assert all(SECRET not in r.getMessage() for r in outputs.logs.records)
+    for span in outputs.spans.get_finished_spans():
         for event in span.events:
             assert SECRET not in repr(dict(event.attributes or {}))
     for finding in s.findings():
@@ -263,11 +171,7 @@ def assert_no_secret(
 # --- session_shared_across_tasks -------------------------------------------------------------
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_session_used_by_two_overlapping_tasks_is_reported_before_sqlalchemy_refuses(
-    loop: str,
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    loop: str, app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
     refusals: list[BaseException] = []
@@ -297,22 +201,17 @@ def test_session_used_by_two_overlapping_tasks_is_reported_before_sqlalchemy_ref
     with serve(app, loop=loop) as base:
         assert httpx.get(f"{base}/report").status_code == 200
 
-    event = assert_reported(
-        SESSION_SHARED_ACROSS_TASKS, "/report", "second task", registry, spans, finding_logs
-    )
+    event = outputs.wait_reported(SESSION_SHARED_ACROSS_TASKS, "/report", at("second task"))
     assert event["asyncsentinel.evidence.detected_by"] == "overlap"
     assert event["asyncsentinel.evidence.task"] == "count-authors"
     assert event["asyncsentinel.evidence.other_task"] == "count-books"
     assert event["asyncsentinel.evidence.operation"] == "execute"
     assert len(sentinel.findings(SESSION_SHARED_ACROSS_TASKS)) == 1  # once per session+request
-    assert_no_secret(spans, finding_logs, sentinel)
+    assert_no_secret(outputs, sentinel)
 
 
 def test_global_session_used_by_two_requests_names_both_routes(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -333,27 +232,19 @@ def test_global_session_used_by_two_requests_names_both_routes(
         assert sentinel.findings(SESSION_SHARED_ACROSS_TASKS) == []  # one request: fine so far
         assert httpx.get(f"{base}/books/search").status_code == 200
 
-    event = assert_reported(
-        SESSION_SHARED_ACROSS_TASKS,
-        "/books/search",
-        "global session",
-        registry,
-        spans,
-        finding_logs,
+    event = outputs.wait_reported(
+        SESSION_SHARED_ACROSS_TASKS, "/books/search", at("global session")
     )
     assert event["asyncsentinel.evidence.detected_by"] == "requests"
     assert event["asyncsentinel.evidence.route"] == "/books/search"
     assert event["asyncsentinel.evidence.other_route"] == "/authors/{author_id}"
     assert event["asyncsentinel.evidence.concurrent"] is False  # one after the other
     assert event["asyncsentinel.evidence.task"] != event["asyncsentinel.evidence.other_task"]
-    assert_no_secret(spans, finding_logs, sentinel)
+    assert_no_secret(outputs, sentinel)
 
 
 def test_global_session_used_by_two_concurrent_requests_is_reported_as_concurrent(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
     slow_started = asyncio.Event()
@@ -380,9 +271,7 @@ def test_global_session_used_by_two_concurrent_requests_is_reported_as_concurren
     with serve(app) as base:
         asyncio.run(both(base))
 
-    event = assert_reported(
-        SESSION_SHARED_ACROSS_TASKS, "/fast", "concurrent request", registry, spans, finding_logs
-    )
+    event = outputs.wait_reported(SESSION_SHARED_ACROSS_TASKS, "/fast", at("concurrent request"))
     assert event["asyncsentinel.evidence.detected_by"] == "requests"
     assert event["asyncsentinel.evidence.other_route"] == "/slow"
     assert event["asyncsentinel.evidence.concurrent"] is True
@@ -390,10 +279,7 @@ def test_global_session_used_by_two_concurrent_requests_is_reported_as_concurren
 
 
 def test_sqlalchemy_refusal_is_counted_when_the_first_user_was_not_seen(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     # NullPool: every checkout connects, so the first user is "provisioning a new connection"
     # across an await. That first user is an awaitable_attrs load (no AsyncSession method), so
@@ -427,23 +313,15 @@ def test_sqlalchemy_refusal_is_counted_when_the_first_user_was_not_seen(
         assert httpx.get(f"{base}/authors/1/summary").json() == {"refused": 1}
 
     assert "concurrent operations are not permitted" in str(refusals[0])
-    event = assert_reported(
-        SESSION_SHARED_ACROSS_TASKS,
-        "/authors/{author_id}/summary",
-        "refused",
-        registry,
-        spans,
-        finding_logs,
+    event = outputs.wait_reported(
+        SESSION_SHARED_ACROSS_TASKS, "/authors/{author_id}/summary", at("refused")
     )
     assert event["asyncsentinel.evidence.detected_by"] == "sqlalchemy_error"
     assert event["asyncsentinel.evidence.task"] == "count-books"
 
 
 def test_session_per_task_and_per_request_is_not_reported(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -481,35 +359,18 @@ def test_session_per_task_and_per_request_is_not_reported(
     with serve(app) as base:
         asyncio.run(load(base))
 
-    assert_silent(SESSION_SHARED_ACROSS_TASKS, registry, spans, finding_logs, sentinel)
-    assert (
-        sample(
-            registry,
-            "asyncsentinel_instrumentation_errors_total",
-            component="source.sqlalchemy_sessions",
-        )
-        == 0
-    )
+    outputs.assert_silent(sentinel, SESSION_SHARED_ACROSS_TASKS)
+    errors = {"component": "source.sqlalchemy_sessions"}
+    assert outputs.sample("asyncsentinel_instrumentation_errors_total", **errors) == 0
 
 
-def test_global_sync_session_used_by_two_requests_is_reported(
-    registry: CollectorRegistry,
-    tracer_provider: TracerProvider,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
-) -> None:
+def test_global_sync_session_used_by_two_requests_is_reported(outputs: Outputs) -> None:
     # A synchronous Session (SQLite, the stdlib driver) in sync endpoints: FastAPI runs them in
     # worker threads, where there is no task; the detection works through after_begin.
     engine = create_engine("sqlite://")
     shared = Session(engine)
     app = FastAPI()
-    sentinel = asyncsentinel.instrument(
-        app,
-        registry=registry,
-        tracer_provider=tracer_provider,
-        log_rate_limit_seconds=0,
-        server_span=True,
-    )
+    outputs.instrument(app)
 
     @app.get("/ping")
     def ping() -> dict[str, int]:
@@ -527,19 +388,13 @@ def test_global_sync_session_used_by_two_requests_is_reported(
         with serve(app) as base:
             assert httpx.get(f"{base}/ping").status_code == 200
             assert httpx.get(f"{base}/pong").status_code == 200
-        event = assert_reported(
-            SESSION_SHARED_ACROSS_TASKS,
-            "/pong",
-            "sync global, 2nd request",
-            registry,
-            spans,
-            finding_logs,
+        event = outputs.wait_reported(
+            SESSION_SHARED_ACROSS_TASKS, "/pong", at("sync global, 2nd request")
         )
         assert event["asyncsentinel.evidence.other_route"] == "/ping"
         assert str(event["asyncsentinel.evidence.task"]).startswith("thread ")
     finally:
         shared.close()
-        sentinel.close()
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -586,10 +441,7 @@ def test_shared_sessions_are_found_exactly_when_tasks_share_one(assignment: list
 
 # --- lazy_load_in_async ----------------------------------------------------------------------
 def test_lazy_relationship_load_is_reported_and_the_error_still_reaches_the_app(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
     seen: list[BaseException] = []
@@ -611,26 +463,15 @@ def test_lazy_relationship_load_is_reported_and_the_error_still_reaches_the_app(
 
     assert len(seen) == 1 and type(seen[0]) is MissingGreenlet
     assert "greenlet_spawn has not been called" in str(seen[0])
-    event = assert_reported(
-        LAZY_LOAD_IN_ASYNC,
-        "/authors/{author_id}/books",
-        "lazy relationship",
-        registry,
-        spans,
-        finding_logs,
+    event = outputs.wait_reported(
+        LAZY_LOAD_IN_ASYNC, "/authors/{author_id}/books", at("lazy relationship")
     )
     assert event["asyncsentinel.evidence.attribute"] == "Author.books"
     assert event["asyncsentinel.evidence.loader"] == "relationship"
     assert len(sentinel.findings(LAZY_LOAD_IN_ASYNC)) == 1
 
 
-def test_lazy_load_wrapped_by_the_driver_is_reported_too(
-    registry: CollectorRegistry,
-    tracer_provider: TracerProvider,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
-    tmp_path: Any,
-) -> None:
+def test_lazy_load_wrapped_by_the_driver_is_reported_too(outputs: Outputs, tmp_path: Any) -> None:
     # aiosqlite wraps MissingGreenlet in a StatementError (.orig): still a lazy load refused.
     url = f"sqlite+aiosqlite:///{tmp_path / 'shop.sqlite'}"
 
@@ -643,7 +484,7 @@ def test_lazy_load_wrapped_by_the_driver_is_reported_too(
         await engine.dispose()
 
     asyncio.run(create())
-    app, db, sentinel = make_app(url, registry, tracer_provider)
+    app, db, sentinel = make_app(url, outputs)
     try:
 
         @app.get("/authors/{author_id}/books")
@@ -655,13 +496,8 @@ def test_lazy_load_wrapped_by_the_driver_is_reported_too(
 
         with serve(app) as base:
             assert httpx.get(f"{base}/authors/1/books").status_code == 500
-        event = assert_reported(
-            LAZY_LOAD_IN_ASYNC,
-            "/authors/{author_id}/books",
-            "lazy load wrapped by aiosqlite",
-            registry,
-            spans,
-            finding_logs,
+        event = outputs.wait_reported(
+            LAZY_LOAD_IN_ASYNC, "/authors/{author_id}/books", at("lazy load wrapped by aiosqlite")
         )
         assert event["asyncsentinel.evidence.attribute"] == "Author.books"
     finally:
@@ -674,10 +510,7 @@ def test_lazy_load_wrapped_by_the_driver_is_reported_too(
 
 
 def test_expired_attribute_after_commit_is_reported(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, _ = app_factory()
 
@@ -692,13 +525,8 @@ def test_expired_attribute_after_commit_is_reported(
     with serve(app) as base:
         assert httpx.post(f"{base}/authors/3/touch").status_code == 500
 
-    event = assert_reported(
-        LAZY_LOAD_IN_ASYNC,
-        "/authors/{author_id}/touch",
-        "expired attribute",
-        registry,
-        spans,
-        finding_logs,
+    event = outputs.wait_reported(
+        LAZY_LOAD_IN_ASYNC, "/authors/{author_id}/touch", at("expired attribute")
     )
     assert event["asyncsentinel.evidence.attribute"] == "Author.name"
     assert event["asyncsentinel.evidence.loader"] == "column"
@@ -706,10 +534,7 @@ def test_expired_attribute_after_commit_is_reported(
 
 
 def test_eager_and_explicit_loading_is_not_reported(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -737,7 +562,7 @@ def test_eager_and_explicit_loading_is_not_reported(
         assert httpx.get(f"{base}/authors/1/books").status_code == 200
         assert httpx.get(f"{base}/books/4/author").status_code == 200
 
-    assert_silent(LAZY_LOAD_IN_ASYNC, registry, spans, finding_logs, sentinel)
+    outputs.assert_silent(sentinel, LAZY_LOAD_IN_ASYNC)
 
 
 # --- connection_leaked (session) ---------------------------------------------------------------
@@ -746,10 +571,7 @@ def test_eager_and_explicit_loading_is_not_reported(
     "ignore:The garbage collector is trying to clean up:sqlalchemy.exc.SAWarning"
 )
 def test_session_collected_while_holding_a_connection_is_reported_where_it_was_created(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -766,9 +588,7 @@ def test_session_collected_while_holding_a_connection_is_reported_where_it_was_c
     with serve(app) as base:
         assert httpx.get(f"{base}/authors/count").status_code == 200
         assert httpx.post(f"{base}/collect").status_code == 200
-        event = assert_reported(
-            CONNECTION_LEAKED, "/authors/count", "leaked session", registry, spans, finding_logs
-        )
+        event = outputs.wait_reported(CONNECTION_LEAKED, "/authors/count", at("leaked session"))
     assert event["asyncsentinel.evidence.object"] == "session"
     # The sqlalchemy source reports the connection itself too, told apart by evidence.object.
     objects = sorted(str(f.evidence["object"]) for f in sentinel.findings(CONNECTION_LEAKED))
@@ -777,10 +597,7 @@ def test_session_collected_while_holding_a_connection_is_reported_where_it_was_c
 
 
 def test_closed_and_committed_sessions_are_not_reported_when_collected(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -803,15 +620,12 @@ def test_closed_and_committed_sessions_are_not_reported_when_collected(
         assert httpx.post(f"{base}/collect").status_code == 200
         assert httpx.post(f"{base}/collect").status_code == 200  # drains run on the loop
 
-    assert_silent(CONNECTION_LEAKED, registry, spans, finding_logs, sentinel)
+    outputs.assert_silent(sentinel, CONNECTION_LEAKED)
 
 
 # --- db_configuration_advice ---------------------------------------------------------------------
 def test_expire_on_commit_and_lazy_relationships_are_advised_once(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -833,24 +647,20 @@ def test_expire_on_commit_and_lazy_relationships_are_advised_once(
     relationships = [f.evidence.get("relationship") for f in advice]
     assert relationships.count("Author.books") == 1
     assert "Book.author" not in relationships  # lazy="raise" is the recommended declaration
-    assert sample(registry, FINDINGS, kind=DB_CONFIGURATION_ADVICE, http_route="") == len(advice)
+    assert outputs.findings_total(DB_CONFIGURATION_ADVICE, "") == len(advice)
 
-    assert_reported(DB_CONFIGURATION_ADVICE, "", "default maker", registry, spans, finding_logs)
+    outputs.wait_reported(DB_CONFIGURATION_ADVICE, "", at("default maker"))
     # The relationship is located at its declaration in the model.
     books = next(f for f in advice if f.evidence.get("relationship") == "Author.books")
-    assert books.culprit is not None and books.culprit.filename == __file__
+    assert books.culprit is not None and books.culprit.filename == HERE
     assert "books: Mapped[list[Book]] = relationship(" in books.culprit.source_line
     assert any(
-        f"{__file__}:{books.culprit.lineno}" in t
-        for t in log_lines(finding_logs, DB_CONFIGURATION_ADVICE)
+        f"{HERE}:{books.culprit.lineno}" in t for t in outputs.log_lines(DB_CONFIGURATION_ADVICE)
     )
 
 
 def test_recommended_configuration_gets_no_session_advice(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    spans: InMemorySpanExporter,
-    finding_logs: pytest.LogCaptureFixture,
+    app_factory: AppFactory, outputs: Outputs
 ) -> None:
     app, db, sentinel = app_factory()
 
@@ -868,7 +678,7 @@ def test_recommended_configuration_gets_no_session_advice(
     session_advice = [f for f in advice if f.evidence.get("object")]  # not engine/pool advice
     assert [f for f in session_advice if f.evidence["object"] != "relationship"] == []
     assert "Book.author" not in [f.evidence.get("relationship") for f in advice]
-    events = span_events(spans, DB_CONFIGURATION_ADVICE)
+    events = [dict(e.attributes or {}) for _, e in outputs.events(DB_CONFIGURATION_ADVICE)]
     objects = {e.get("asyncsentinel.evidence.object") for e in events}
     assert objects <= {"relationship", None}  # None: the engine's own advice (pool_pre_ping)
     assert "Book.author" not in {e.get("asyncsentinel.evidence.relationship") for e in events}
@@ -876,9 +686,7 @@ def test_recommended_configuration_gets_no_session_advice(
 
 # --- containment ---------------------------------------------------------------------------------
 def test_an_internal_error_of_the_detector_never_reaches_the_request(
-    app_factory: Callable[..., tuple[FastAPI, Db, Sentinel]],
-    registry: CollectorRegistry,
-    monkeypatch: pytest.MonkeyPatch,
+    app_factory: AppFactory, outputs: Outputs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A bug of asyncsentinel's own cannot be caused for real: simulate one in the lookup every
     # session hook goes through (creation, begin, each AsyncSession operation).
@@ -897,10 +705,8 @@ def test_an_internal_error_of_the_detector_never_reaches_the_request(
     with serve(app) as base:
         response = httpx.get(f"{base}/authors/2")
     assert response.status_code == 200 and response.json() == {"name": "author 2"}
-    errors = sample(
-        registry,
-        "asyncsentinel_instrumentation_errors_total",
-        component="source.sqlalchemy_sessions",
+    errors = outputs.sample(
+        "asyncsentinel_instrumentation_errors_total", component="source.sqlalchemy_sessions"
     )
     assert errors >= 3  # session created, transaction begun, operations: each one contained
 

@@ -7,46 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from asyncsentinel.demo.traffic import Outcome
-from asyncsentinel.findings import (
-    CANCELLATION_SWALLOWED,
-    CLIENT_SESSION_PER_REQUEST,
-    CLIENT_SESSION_UNCLOSED,
-    CONNECTION_LEAKED,
-    DB_CONFIGURATION_ADVICE,
-    ENGINE_CREATED_IN_REQUEST,
-    EVENT_LOOP_BLOCKED,
-    LAZY_LOAD_IN_ASYNC,
-    N_PLUS_ONE,
-    POOL_EXHAUSTED,
-    POOL_NOT_DISPOSED,
-    SESSION_SHARED_ACROSS_TASKS,
-    SLOW_QUERY,
-    SYNC_DB_ON_EVENT_LOOP,
-    TASK_EXCEPTION_UNRETRIEVED,
-    TASK_LEAKED,
-    Finding,
-)
+from asyncsentinel.findings import DB_CONFIGURATION_ADVICE, KINDS, Finding
 from asyncsentinel.frames import Location
-
-KIND_ORDER = (
-    N_PLUS_ONE,
-    SLOW_QUERY,
-    POOL_EXHAUSTED,
-    SESSION_SHARED_ACROSS_TASKS,
-    SYNC_DB_ON_EVENT_LOOP,
-    ENGINE_CREATED_IN_REQUEST,
-    CONNECTION_LEAKED,
-    POOL_NOT_DISPOSED,
-    LAZY_LOAD_IN_ASYNC,
-    EVENT_LOOP_BLOCKED,
-    TASK_LEAKED,
-    CANCELLATION_SWALLOWED,
-    TASK_EXCEPTION_UNRETRIEVED,
-    CLIENT_SESSION_PER_REQUEST,
-    CLIENT_SESSION_UNCLOSED,
-    DB_CONFIGURATION_ADVICE,
-)
-"""The order kinds are listed in: database, event loop and tasks, HTTP client, advice."""
 
 OUTSIDE_REQUEST = "(outside a request)"
 """The route column of findings that belong to no request (start-up, shutdown, timers)."""
@@ -92,9 +54,10 @@ def route_text(finding: Finding) -> str:
 
 
 def findings_rows(findings: Iterable[Finding]) -> list[tuple[str, str, str, str]]:
-    """One row per (kind, route, culprit) with its count, in :data:`KIND_ORDER`."""
+    """One row per (kind, route, culprit) with its count, kinds in the order of
+    :data:`~asyncsentinel.findings.KINDS`."""
     counts = Counter((f.kind, route_text(f), culprit_text(f.culprit)) for f in findings)
-    rank = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    rank = {kind: i for i, kind in enumerate(KINDS)}
     ordered = sorted(counts, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1], k[2]))
     return [
         (kind, route, str(counts[kind, route, culprit]), culprit)
@@ -128,4 +91,4 @@ def render_traffic(outcomes: Sequence[Outcome]) -> str:
 def unseen_kinds(findings: Iterable[Finding]) -> list[str]:
     """Kinds the shop is built to trigger that no finding of this run has (advice excluded)."""
     seen = {f.kind for f in findings}
-    return [k for k in KIND_ORDER if k != DB_CONFIGURATION_ADVICE and k not in seen]
+    return [k for k in KINDS if k != DB_CONFIGURATION_ADVICE and k not in seen]

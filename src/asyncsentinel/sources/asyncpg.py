@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -33,16 +32,11 @@ from asyncpg.pool import Pool
 from asyncsentinel.config import Settings
 from asyncsentinel.context import current_request
 from asyncsentinel.findings import POOL_NOT_DISPOSED, Dispatcher, Finding
-from asyncsentinel.frames import Location
+from asyncsentinel.frames import PACKAGE_PREFIX, Location, frame_location, user_origin
 from asyncsentinel.sources import Source
-from asyncsentinel.sources.database import (
-    MAX_NAME_CHARS,
-    Checkout,
-    DatabaseMonitor,
-    PoolStats,
-    frame_location,
-    user_origin,
-)
+from asyncsentinel.sources._shared_wrappers import SharedWrappers
+from asyncsentinel.sources.database import DatabaseMonitor
+from asyncsentinel.sources.database_accounting import MAX_NAME_CHARS, Checkout, PoolStats
 
 _perf_ns = time.perf_counter_ns
 _STACK_LIMIT = 64
@@ -84,24 +78,16 @@ def _first(values: list[str] | None) -> str | None:
     return values[0] if values else None
 
 
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
 def _stack_here() -> tuple[Location, ...]:
     """The caller's stack without asyncsentinel's own frames at the inner end."""
     out: list[Location] = []
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and len(out) < _STACK_LIMIT:
-        if out or not frame.f_code.co_filename.startswith(_OWN_DIR):
+        if out or not frame.f_code.co_filename.startswith(PACKAGE_PREFIX):
             out.append(frame_location(frame))
         frame = frame.f_back
     out.reverse()
     return tuple(out)
-
-
-_ACTIVE: list[AsyncpgSource] = []
-_ORIGINALS: dict[str, Any] = {}
-_WRAPPERS: dict[str, Any] = {}
 
 
 def _entry(pool: Pool) -> tuple[AsyncpgSource, _PoolEntry] | None:
@@ -112,59 +98,58 @@ def _entry(pool: Pool) -> tuple[AsyncpgSource, _PoolEntry] | None:
     return None
 
 
-def _patch_pool() -> None:
-    if _ORIGINALS:
-        return
-    original_acquire = Pool.__dict__["_acquire"]
-    original_release = Pool.__dict__["release"]
-    original_new_connection = Pool.__dict__["_get_new_connection"]
-
-    @functools.wraps(original_acquire)
+def _wrap_acquire(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    @functools.wraps(original)
     async def _acquire(self: Pool, timeout: float | None) -> Any:
         found = _entry(self)
         if found is None:
-            return await original_acquire(self, timeout)
+            return await original(self, timeout)
         source, entry = found
-        return await source.acquire(entry, functools.partial(original_acquire, self, timeout))
+        return await source.acquire(entry, functools.partial(original, self, timeout))
 
-    @functools.wraps(original_release)
+    return _acquire
+
+
+def _wrap_release(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    @functools.wraps(original)
     async def release(self: Pool, connection: Any, *, timeout: float | None = None) -> Any:
         found = _entry(self)
         if found is None:
-            return await original_release(self, connection, timeout=timeout)
+            return await original(self, connection, timeout=timeout)
         # Account before the original: it hands the connection to the next waiter, which runs
         # before this coroutine resumes.
         found[0].releasing(found[1], connection)
         try:
-            return await original_release(self, connection, timeout=timeout)
+            return await original(self, connection, timeout=timeout)
         finally:
             found[0].released(found[1])
 
-    @functools.wraps(original_new_connection)
+    return release
+
+
+def _wrap_new_connection(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    @functools.wraps(original)
     async def _get_new_connection(self: Pool) -> Any:
         found = _entry(self)
         start = _perf_ns()
-        connection = await original_new_connection(self)
+        connection = await original(self)
         if found is not None:
             found[0].connection_created(found[1], (_perf_ns() - start) / 1e9)
         return connection
 
-    _ORIGINALS.update(
-        _acquire=original_acquire,
-        release=original_release,
-        _get_new_connection=original_new_connection,
-    )
-    _WRAPPERS.update(_acquire=_acquire, release=release, _get_new_connection=_get_new_connection)
-    for name, wrapper in _WRAPPERS.items():
-        setattr(Pool, name, wrapper)
+    return _get_new_connection
 
 
-def _unpatch_pool() -> None:
-    for name, original in _ORIGINALS.items():
-        if Pool.__dict__.get(name) is _WRAPPERS[name]:
-            setattr(Pool, name, original)
-    _ORIGINALS.clear()
-    _WRAPPERS.clear()
+# Three ``Pool`` methods, wrapped once for all installed sources.
+_POOL_WRAPPERS: SharedWrappers[AsyncpgSource] = SharedWrappers(
+    Pool,
+    {
+        "_acquire": _wrap_acquire,
+        "release": _wrap_release,
+        "_get_new_connection": _wrap_new_connection,
+    },
+)
+_ACTIVE = _POOL_WRAPPERS.active  # a module global: read on every acquire and release
 
 
 class AsyncpgSource(Source):
@@ -181,25 +166,14 @@ class AsyncpgSource(Source):
         self.monitor = DatabaseMonitor.shared(settings, dispatcher)
         self.entries: dict[int, _PoolEntry] = {}
         self._wait_limit = settings.pool_wait_seconds
-        self._installed = False
 
     def install(self) -> None:
-        if self._installed:
-            return
-        _ACTIVE.append(self)
-        _patch_pool()
-        self._installed = True
+        _POOL_WRAPPERS.join(self)
 
     def uninstall(self) -> None:
-        if not self._installed:
-            return
-        self._installed = False
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
-        if not _ACTIVE:
-            _unpatch_pool()
-        self.monitor.cancel_leak_checks()
-        self.entries.clear()
+        if _POOL_WRAPPERS.leave(self):
+            self.monitor.cancel_leak_checks()
+            self.entries.clear()
 
     def instrument_pool(self, pool: Any, name: str | None = None) -> str:
         """Observe an ``asyncpg.Pool``; returns its name (default: its DSN without credentials)."""

@@ -55,39 +55,29 @@ from asyncsentinel.findings import (
 )
 from asyncsentinel.frames import Location, user_culprit
 from asyncsentinel.sources import Source
-from asyncsentinel.sources.database import MAX_NAME_CHARS, REQUEST_KEY, DatabaseMonitor, RequestDb
-from asyncsentinel.sources.sqlalchemy_pool import (
-    EngineInfo,
-    PoolTracker,
-    culprit_here,
-    engine_info,
-    origins_here,
-    stack_here,
-)
+from asyncsentinel.sources._shared_wrappers import SharedWrappers
+from asyncsentinel.sources.database import DatabaseMonitor
+from asyncsentinel.sources.database_accounting import MAX_NAME_CHARS, REQUEST_KEY, RequestDb
+from asyncsentinel.sources.sqlalchemy_engines import EngineInfo, engine_info
+from asyncsentinel.sources.sqlalchemy_pool import PoolTracker
+from asyncsentinel.sources.sqlalchemy_stacks import culprit_here, origins_here, stack_here
 
 _perf_ns = time.perf_counter_ns
 _running_loop = asyncio._get_running_loop
 _MAX_REMEMBERED = 1000  # advice and out-of-request sync findings already reported (bounded)
 
 
-_ACTIVE: list[SQLAlchemySource] = []
-_ORIGINALS: dict[str, Any] = {}
-_WRAPPERS: dict[str, Any] = {}
-
-
-def _patch_engine() -> None:
-    """Wrap ``Engine.__init__`` and ``Engine.raw_connection`` once for all active sources."""
-    if _ORIGINALS:
-        return
-    original_init = Engine.__dict__["__init__"]
-    original_raw_connection = Engine.__dict__["raw_connection"]
-
+def _wrap_init(original_init: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original_init)
     def __init__(self: Engine, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         for source in tuple(_ACTIVE):
             source.engine_created(self)
 
+    return __init__
+
+
+def _wrap_raw_connection(original_raw_connection: Callable[[Engine], Any]) -> Callable[..., Any]:
     @functools.wraps(original_raw_connection)
     def raw_connection(self: Engine) -> Any:
         active = _ACTIVE
@@ -100,10 +90,15 @@ def _patch_engine() -> None:
             call = functools.partial(_checkout_via, source, call)
         return call(self)
 
-    _ORIGINALS.update(__init__=original_init, raw_connection=original_raw_connection)
-    _WRAPPERS.update(__init__=__init__, raw_connection=raw_connection)
-    for name, wrapper in _WRAPPERS.items():
-        setattr(Engine, name, wrapper)
+    return raw_connection
+
+
+# ``Engine.__init__`` and ``Engine.raw_connection``, wrapped once for all installed sources.
+_ENGINE_WRAPPERS: SharedWrappers[SQLAlchemySource] = SharedWrappers(
+    Engine, {"__init__": _wrap_init, "raw_connection": _wrap_raw_connection}
+)
+_ACTIVE = _ENGINE_WRAPPERS.active  # a module global: read by raw_connection on every checkout
+_ORIGINALS = _ENGINE_WRAPPERS.originals  # benchmarks/db_overhead.py restores them to time parts
 
 
 def _checkout_via(source: SQLAlchemySource, inner: Callable[[Engine], Any], engine: Engine) -> Any:
@@ -121,16 +116,6 @@ def _later_listeners_ran(listeners: Any, own: Callable[..., bool], args: tuple[A
         elif listener == own:
             after_own = True
     return False
-
-
-def _unpatch_engine() -> None:
-    for name, original in _ORIGINALS.items():
-        # Only undo our own wrapper: if something wrapped it after us, ours stays as a
-        # pass-through (it does nothing without active sources) rather than dropping theirs.
-        if Engine.__dict__.get(name) is _WRAPPERS[name]:
-            setattr(Engine, name, original)
-    _ORIGINALS.clear()
-    _WRAPPERS.clear()
 
 
 class SQLAlchemySource(Source):
@@ -167,18 +152,14 @@ class SQLAlchemySource(Source):
             return
         for target, identifier, fn in self._listeners:
             event.listen(target, identifier, fn)
-        _ACTIVE.append(self)
-        _patch_engine()
+        _ENGINE_WRAPPERS.join(self)
         self._installed = True
 
     def uninstall(self) -> None:
         if not self._installed:
             return
         self._installed = False
-        if self in _ACTIVE:
-            _ACTIVE.remove(self)
-        if not _ACTIVE:
-            _unpatch_engine()
+        _ENGINE_WRAPPERS.leave(self)
         for target, identifier, fn in self._listeners:
             if event.contains(target, identifier, fn):
                 event.remove(target, identifier, fn)

@@ -1,5 +1,7 @@
-"""SQLAlchemy engines and pools: what asyncsentinel knows per engine, stacks across SQLAlchemy's
-asyncio greenlets, and pool accounting (checkouts, waits, timeouts, leaked connections).
+"""SQLAlchemy pool accounting: checkouts, waits, timeouts, leaked connections.
+
+What asyncsentinel knows per engine is in :mod:`.sqlalchemy_engines`; stacks across SQLAlchemy's
+asyncio greenlets (for culprits) in :mod:`.sqlalchemy_stacks`.
 
 How pool accounting is wired (all of it removed again by :meth:`SQLAlchemySource.uninstall`):
 
@@ -21,258 +23,28 @@ they hand one connection to several callers, so "used" and "waiting" mean nothin
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
 from asyncsentinel.context import current_request
 from asyncsentinel.findings import Dispatcher, EvidenceValue
-from asyncsentinel.frames import Location, is_user_code
-from asyncsentinel.instruments import DB_OPERATION_DURATION, Instrument
-from asyncsentinel.sources.database import (
-    MAX_NAME_CHARS,
-    Checkout,
-    DatabaseMonitor,
-    Origin,
-    PoolStats,
-    origin_location,
-    origins_to_stack,
-)
-from asyncsentinel.sources.sql_shapes import describe
-
-try:  # SQLAlchemy's asyncio support runs the sync engine in greenlets (sqlalchemy[asyncio]).
-    from greenlet import getcurrent as _greenlet_current  # type: ignore[import-untyped,unused-ignore]
-except ImportError:  # pragma: no cover - only sync engines are possible without it
-    _greenlet_current = None
+from asyncsentinel.sources.database import DatabaseMonitor
+from asyncsentinel.sources.database_accounting import Checkout, PoolStats
+from asyncsentinel.sources.sqlalchemy_engines import EngineInfo
+from asyncsentinel.sources.sqlalchemy_stacks import origin_here, stack_here
 
 _perf_ns = time.perf_counter_ns
-_STACK_LIMIT = 64
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-# db.system.name values of the semantic conventions, by SQLAlchemy dialect name.
-_DB_SYSTEMS = {
-    "postgresql": "postgresql",
-    "sqlite": "sqlite",
-    "mysql": "mysql",
-    "mariadb": "mariadb",
-    "mssql": "microsoft.sql_server",
-    "oracle": "oracle.db",
-}
-_MAX_STATEMENTS_PER_ENGINE = 2048
 _tracker_ids = itertools.count(1)
 
 
 def _noop_weakref_callback(_ref: weakref.ref[Any]) -> None:
     """A weakref with a callback is cleared before finalizers run, even in reference cycles
     (SQLAlchemy's fairy finalizer relies on the same; cpython gh-135552)."""
-
-
-Recorder = Callable[[float], None]
-RecorderFactory = Callable[[Instrument, tuple[str, ...]], Recorder]
-
-
-class EngineInfo:
-    """What asyncsentinel knows about one engine: pool name, database system, driver kind."""
-
-    __slots__ = (
-        "__weakref__",
-        "_bind",
-        "_durations",
-        "_statements",
-        "backslash",
-        "created_at",
-        "is_async",
-        "name",
-        "pool",
-        "pool_stats",
-        "system",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        system: str,
-        *,
-        is_async: bool,
-        backslash: bool,
-        recorder: RecorderFactory,
-    ) -> None:
-        self.name = name
-        self.system = system
-        """``db.system.name`` as the semantic conventions spell it (``postgresql``, ``sqlite``)."""
-        self.is_async = is_async
-        """The driver is an asyncio driver (asyncpg, aiosqlite), run through greenlets."""
-        self.backslash = backslash
-        """String literals use backslash escapes (MySQL/MariaDB)."""
-        self.created_at: Location | None = None
-        """The user-code line that created the engine, when seen."""
-        self.pool: weakref.ref[Pool] | None = None
-        """The pool :attr:`pool_stats` belongs to (an engine gets a new pool on ``dispose()``)."""
-        self.pool_stats: PoolStats | None = None
-        """Accounting of :attr:`pool`; ``None`` for pool types without pool metrics."""
-        self._bind = recorder
-        self._statements: dict[str, tuple[str, Recorder]] = {}
-        self._durations: dict[str, Recorder] = {}
-
-    def statement(self, statement: str) -> tuple[str, Recorder]:
-        """The shape of *statement* and the recorder of its
-        ``db_client_operation_duration_seconds`` series (seconds).
-
-        One dictionary lookup for statements seen before: SQLAlchemy's compiled cache hands
-        the same strings over and over, and the recorder is bound once per operation name.
-        Bounded; cleared when full.
-        """
-        known = self._statements.get(statement)
-        if known is not None:
-            return known
-        shape, operation = describe(statement, backslash_escapes=self.backslash)
-        record = self._durations.get(operation)
-        if record is None:
-            record = self._bind(DB_OPERATION_DURATION, (self.system, operation, self.name))
-            if len(self._durations) >= _MAX_STATEMENTS_PER_ENGINE:
-                self._durations.clear()
-            self._durations[operation] = record
-        known = (shape, record)
-        if len(self._statements) >= _MAX_STATEMENTS_PER_ENGINE:
-            self._statements.clear()
-        self._statements[statement] = known
-        return known
-
-    def rename(self, name: str) -> None:
-        """Use *name* as the pool name from now on."""
-        self.name = name
-        self._statements = {}
-        self._durations = {}
-
-
-# --- stacks across SQLAlchemy's greenlets -------------------------------------------------------
-# greenlet type -> whether it is SQLAlchemy's asyncio greenlet (a class attribute marks it).
-_provider_types: dict[type[Any], bool] = {}
-
-
-def _outer(greenlet: Any) -> tuple[FrameType | None, Any]:
-    """Where a stack continues after the outermost frame of *greenlet*'s stack (``None``: the
-    current greenlet): an ``AsyncEngine`` runs the sync engine in a greenlet whose stack ends at
-    SQLAlchemy's ``greenlet_spawn``; the user's coroutine is in the parent greenlet."""
-    if greenlet is None:
-        greenlet = _greenlet_current() if _greenlet_current is not None else None
-        if greenlet is None:
-            return None, None
-    kind = type(greenlet)
-    provider = _provider_types.get(kind)
-    if provider is None:
-        provider = bool(getattr(kind, "__sqlalchemy_greenlet_provider__", False))
-        if len(_provider_types) < 64:
-            _provider_types[kind] = provider
-    parent = greenlet.parent if provider else None
-    return (parent.gr_frame, parent) if parent is not None else (None, None)
-
-
-def origins_here(skip: int = 0) -> list[Origin]:
-    """The caller's stack as origins (code, offset), innermost first, continued across an
-    asyncio greenlet; asyncsentinel's own frames at the inner end are left out.
-
-    Reads only ``f_code``/``f_lasti``/``f_back`` per frame (no line numbers, no
-    :class:`Location`): :func:`~.database.origins_to_stack` makes locations of it when a
-    finding is reported.
-    """
-    out: list[Origin] = []
-    append = out.append
-    frame: FrameType | None = sys._getframe(1 + skip)
-    greenlet = None
-    inner_end = True
-    left = _STACK_LIMIT
-    while left:
-        if frame is None:
-            frame, greenlet = _outer(greenlet)
-            if frame is None:
-                break
-        code = frame.f_code
-        if inner_end:
-            if code.co_filename.startswith(_OWN_DIR):
-                frame = frame.f_back
-                continue
-            inner_end = False
-        append((code, frame.f_lasti))
-        frame = frame.f_back
-        left -= 1
-    return out
-
-
-def stack_here() -> tuple[Location, ...]:
-    """The caller's stack, outermost first, continued across an asyncio greenlet.
-
-    asyncsentinel's own frames at the inner end are left out: the stack ends where the
-    application or a library handed control to asyncsentinel.
-    """
-    return origins_to_stack(origins_here(skip=1))
-
-
-def origin_here(skip: int = 0) -> Origin | None:
-    """The innermost user-code frame of the caller's stack, as an :data:`Origin`: no line
-    number, no :class:`Location`, no stack (see :func:`culprit_here`).
-
-    *skip* more frames are known not to be user code (asyncsentinel's own callers).
-    """
-    try:
-        frame: FrameType | None = sys._getframe(1 + skip)
-    except ValueError:  # a shorter stack than the caller thought: walk all of it
-        frame = sys._getframe(1)
-    greenlet = None
-    for _ in range(_STACK_LIMIT * 2):
-        if frame is None:
-            frame, greenlet = _outer(greenlet)
-            if frame is None:
-                return None
-        code = frame.f_code
-        if is_user_code(code.co_filename):
-            return code, frame.f_lasti
-        frame = frame.f_back
-    return None
-
-
-def culprit_here() -> Location | None:
-    """The innermost user-code frame of the caller's stack (no full stack built)."""
-    origin = origin_here()
-    return origin_location(origin) if origin is not None else None
-
-
-# --- engines ------------------------------------------------------------------------------------
-def default_pool_name(url: URL) -> str:
-    """The URL without user, password or query (a Unix-socket ``?host=`` is kept as host)."""
-    host = url.host
-    if not host:
-        query_host = url.query.get("host")
-        if isinstance(query_host, tuple):
-            query_host = query_host[0] if query_host else None
-        host = query_host or ""
-    netloc = f"{host}:{url.port}" if url.port else host
-    name = f"{url.drivername}://{netloc}"
-    if url.database:
-        name += f"/{url.database}"
-    return name[:MAX_NAME_CHARS]
-
-
-def engine_info(engine: Engine, recorder: RecorderFactory) -> EngineInfo:
-    """A new :class:`EngineInfo` for *engine*, named after its URL; *recorder* binds its
-    statement-duration series (:meth:`Dispatcher.recorder`)."""
-    dialect = engine.dialect
-    name = dialect.name
-    return EngineInfo(
-        default_pool_name(engine.url),
-        _DB_SYSTEMS.get(name, name),
-        is_async=bool(getattr(dialect, "is_async", False)),
-        backslash=name in ("mysql", "mariadb"),
-        recorder=recorder,
-    )
 
 
 class RecordState:

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm import attributes as sa_attributes
 
-from asyncsentinel.frames import is_user_code
+from asyncsentinel.frames import Origin, user_origin
 
 # AsyncSession coroutine methods that run an operation on the session (and its connection).
 OPERATIONS = (
@@ -63,10 +63,6 @@ _ATTRIBUTE_IMPL: type[Any] | None = getattr(sa_attributes, "_AttributeImpl", Non
     sa_attributes, "AttributeImpl", None
 )
 _CREATION_SEARCH_DEPTH = 12  # frames from Session.__init__ to the user's line, generously
-
-Origin = tuple[CodeType, int]
-"""Where a session was created: the user frame's code and instruction offset (``f_lasti``).
-Turning it into a line number costs ~0.5 us, so that waits until a finding needs it."""
 
 
 class HookTarget(Protocol):
@@ -179,7 +175,8 @@ def _wrap_session_init(original: Callable[..., None]) -> Callable[..., None]:
         targets = _targets
         if targets:
             try:
-                origin = creation_origin(sys._getframe(1))
+                # Where, as code and offset only: the line waits until a finding needs it.
+                origin = user_origin(sys._getframe(1), _CREATION_SEARCH_DEPTH)
             except Exception:  # never fail the user's Session(); only the culprit is lost
                 origin = None
             for target in targets:
@@ -232,28 +229,3 @@ def _reported_below(tb: TracebackType | None) -> bool:
             return True
         tb = tb.tb_next
     return True  # absurdly deep: assume it was reported rather than report twice
-
-
-def creation_origin(frame: FrameType | None) -> Origin | None:
-    """The first user-code frame from *frame* outwards, as (code, instruction offset).
-
-    Reads only ``f_code``/``f_lasti``/``f_back`` (tens of nanoseconds each); ``f_lineno``
-    would cost ~0.5 us, so :func:`origin_line` computes the line later, when it is needed.
-    """
-    for _ in range(_CREATION_SEARCH_DEPTH):
-        if frame is None:
-            return None
-        code = frame.f_code
-        if is_user_code(code.co_filename):
-            return code, frame.f_lasti
-        frame = frame.f_back
-    return None
-
-
-def origin_line(origin: Origin) -> int:
-    """The source line of an :data:`Origin`."""
-    code, offset = origin
-    for start, end, line in code.co_lines():
-        if start <= offset < end and line is not None:
-            return line
-    return code.co_firstlineno

@@ -16,8 +16,9 @@ Engines, pools and statements are the ``sqlalchemy`` source's business; this one
   ``sessionmaker`` of ``AsyncSession``) left at ``expire_on_commit=True``, and relationships left
   on the implicit ``lazy="select"``, reported once async sessions are in use.
 
-Public events where SQLAlchemy has them (``after_begin``, ``after_transaction_end``,
-``mapper_configured``); the rest through :mod:`~asyncsentinel.sources.sqlalchemy_session_hooks`.
+The advice is given by :mod:`.sqlalchemy_session_advice`. Public events where SQLAlchemy has them
+(``after_begin``, ``after_transaction_end``, ``mapper_configured``); the rest through
+:mod:`~asyncsentinel.sources.sqlalchemy_session_hooks`.
 Findings are reported at most once per session and request, so a shared session that errs on
 every statement does not flood the outputs.
 """
@@ -25,9 +26,6 @@ every statement does not flood the outputs.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import linecache
-import re
 import sys
 import threading
 import weakref
@@ -45,23 +43,17 @@ from asyncsentinel.config import Settings
 from asyncsentinel.context import RequestState, current_request
 from asyncsentinel.findings import (
     CONNECTION_LEAKED,
-    DB_CONFIGURATION_ADVICE,
     LAZY_LOAD_IN_ASYNC,
     SESSION_SHARED_ACROSS_TASKS,
     Dispatcher,
     EvidenceValue,
     Finding,
-    Severity,
 )
-from asyncsentinel.frames import Location, stack_of, user_culprit
+from asyncsentinel.frames import Origin, origin_location, stack_of, user_culprit
 from asyncsentinel.sources import Source
 from asyncsentinel.sources import sqlalchemy_session_hooks as hooks
+from asyncsentinel.sources.sqlalchemy_session_advice import SessionAdvice
 
-# Strategies that never load implicitly on attribute access (or fail loudly instead).
-_EXPLICIT_LAZY = frozenset(
-    {"raise", "raise_on_sql", "selectin", "joined", "subquery", "immediate", "write_only"}
-    | {"dynamic", "noload", None, False}
-)
 _OUTSIDE_REQUESTS = object()  # reported_for marker: a finding outside any request was reported
 
 
@@ -82,7 +74,7 @@ class _SessionRecord(weakref.ref[Session]):
 
     __slots__ = ("created_in", "holding", "key", "origin", "usage")
     key: int
-    origin: hooks.Origin | None
+    origin: Origin | None
     created_in: RequestState | None
     holding: bool  # a transaction of the session holds a connection
     usage: _Usage | None
@@ -92,7 +84,7 @@ class _SessionRecord(weakref.ref[Session]):
         cls,
         session: Session,
         callback: Callable[[_SessionRecord], None],
-        origin: hooks.Origin | None,
+        origin: Origin | None,
     ) -> _SessionRecord:
         self = cls(session, callback)
         self.key = id(session)
@@ -125,7 +117,7 @@ def _running_task() -> asyncio.Task[Any] | None:
     return asyncio.current_task() if asyncio._get_running_loop() is not None else None
 
 
-class SQLAlchemySessionSource(Source):
+class SQLAlchemySessionSource(SessionAdvice, Source):
     """Detects SQLAlchemy session misuse; see the module docstring for the findings."""
 
     name: ClassVar[str] = "sqlalchemy_sessions"
@@ -138,10 +130,7 @@ class SQLAlchemySessionSource(Source):
         self._collected: deque[_SessionRecord] = deque()  # leaked, waiting to be reported
         self._drain_scheduled = False
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
-        self._advised_makers: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._advised_relationships: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._mappers_to_check: deque[Mapper[Any]] = deque()
-        self._async_in_use = False
+        self._init_advice()
         self._installed = False
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -179,14 +168,14 @@ class SQLAlchemySessionSource(Source):
         self._loop = None
 
     # --- session records -----------------------------------------------------------------------
-    def _record_for(self, session: Session, origin: hooks.Origin | None = None) -> _SessionRecord:
+    def _record_for(self, session: Session, origin: Origin | None = None) -> _SessionRecord:
         record = self._records.get(id(session))
         if record is None or record() is not session:
             record = _SessionRecord.track(session, self._session_collected, origin)
             self._records[record.key] = record
         return record
 
-    def session_created(self, session: Session, origin: hooks.Origin | None) -> None:
+    def session_created(self, session: Session, origin: Origin | None) -> None:
         """A ``Session`` (also the one inside every ``AsyncSession``) was constructed."""
         try:
             if self._collected:
@@ -222,10 +211,7 @@ class SQLAlchemySessionSource(Source):
                 self.dispatcher.report_error(self._component, exc)
 
     def _report_leak(self, record: _SessionRecord) -> None:
-        culprit = None
-        if record.origin is not None:
-            code = record.origin[0]
-            culprit = Location(code.co_filename, hooks.origin_line(record.origin), code.co_qualname)
+        culprit = origin_location(record.origin) if record.origin is not None else None
         where = f" created at {culprit}" if culprit else ""
         self.dispatcher.emit(
             Finding.create(
@@ -267,9 +253,6 @@ class SQLAlchemySessionSource(Source):
                     record.holding = False
         except Exception as exc:
             self.dispatcher.report_error(self._component, exc)
-
-    def _mapper_configured(self, mapper: Mapper[Any], class_: type[Any]) -> None:
-        self._mappers_to_check.append(mapper)
 
     # --- shared sessions (called by the hooks) ---------------------------------------------------
     def operation_started(
@@ -444,88 +427,3 @@ class SQLAlchemySessionSource(Source):
             )
         except Exception as exc:
             self.dispatcher.report_error(self._component, exc)
-
-    # --- advice --------------------------------------------------------------------------------
-    def maker_used(self, maker: Any, session: Any, frame: FrameType) -> None:
-        """A session maker produced *session*; advise once per maker on its configuration."""
-        try:
-            if maker in self._advised_makers:
-                return
-            self._advised_makers.add(maker)
-            if not isinstance(session, AsyncSession) or not session.sync_session.expire_on_commit:
-                return
-            kind = type(maker).__name__
-            stack = stack_of(frame.f_back)
-            self.dispatcher.emit(
-                Finding.create(
-                    DB_CONFIGURATION_ADVICE,
-                    f"this {kind} makes AsyncSessions with expire_on_commit=True (the default): "
-                    "after commit() every loaded attribute is expired and the next access "
-                    "reloads it implicitly, which raises MissingGreenlet in async code; "
-                    f"create it with {kind}(..., expire_on_commit=False)",
-                    severity=Severity.INFO,
-                    culprit=user_culprit(stack),
-                    stack=stack,
-                    evidence={"object": kind, "setting": "expire_on_commit", "value": True},
-                    request=None,
-                )
-            )
-        except Exception as exc:
-            self.dispatcher.report_error(self._component, exc)
-
-    def _queue_configured_mappers(self) -> None:
-        """Mappers configured before this source was installed (the event covers later ones)."""
-        try:
-            registries = importlib.import_module("sqlalchemy.orm.mapper")._all_registries()
-        except Exception:  # a private helper: without it only mappers configured later count
-            return
-        for registry in registries:
-            self._mappers_to_check.extend(m for m in registry.mappers if m.configured)
-
-    def _check_mappers(self) -> None:
-        """Advise on relationships of configured mappers, once async sessions are in use."""
-        if not self._async_in_use:
-            return  # a sync application may lazy-load freely
-        while self._mappers_to_check:
-            mapper = self._mappers_to_check.popleft()
-            for relationship in mapper.relationships:
-                if relationship in self._advised_relationships:
-                    continue
-                self._advised_relationships.add(relationship)
-                if relationship.lazy not in _EXPLICIT_LAZY:
-                    self._advise_relationship(mapper.class_, relationship.key, relationship.lazy)
-
-    def _advise_relationship(self, cls: type[Any], key: str, lazy: Any) -> None:
-        attribute = f"{cls.__name__}.{key}"
-        strategy = "select" if lazy is True else str(lazy)
-        self.dispatcher.emit(
-            Finding.create(
-                DB_CONFIGURATION_ADVICE,
-                f"relationship {attribute} uses lazy={strategy!r}: in async code an access "
-                "that was not loaded eagerly raises MissingGreenlet, and awaitable_attrs in a "
-                "loop runs one query per row; declare lazy='raise' (or 'selectin') and load it "
-                "explicitly with selectinload()/joinedload()",
-                severity=Severity.INFO,
-                culprit=_declaration_of(cls, key),
-                evidence={"object": "relationship", "relationship": attribute, "lazy": strategy},
-                request=None,
-            )
-        )
-
-
-def _declaration_of(cls: type[Any], key: str) -> Location | None:
-    """Where ``key = relationship(...)`` is written in *cls*'s body (else the class line)."""
-    filename = getattr(sys.modules.get(cls.__module__), "__file__", None)
-    if not filename:
-        return None
-    lines = linecache.getlines(filename)  # once per model file, when advice is first given
-    class_re = re.compile(rf"\s*class\s+{re.escape(cls.__name__)}\b")
-    attribute_re = re.compile(rf"\s*{re.escape(key)}\s*[:=]")
-    class_line = 0
-    for number, line in enumerate(lines, start=1):
-        if not class_line:
-            if class_re.match(line):
-                class_line = number
-        elif attribute_re.match(line):
-            return Location(filename, number, cls.__qualname__)
-    return Location(filename, class_line, cls.__qualname__) if class_line else None
