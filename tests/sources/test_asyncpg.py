@@ -12,7 +12,14 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from asyncsentinel import CONNECTION_LEAKED, POOL_EXHAUSTED, POOL_NOT_DISPOSED, ConfigError
+from asyncsentinel import (
+    CONNECTION_LEAKED,
+    N_PLUS_ONE,
+    POOL_EXHAUSTED,
+    POOL_NOT_DISPOSED,
+    SLOW_QUERY,
+    ConfigError,
+)
 from asyncsentinel.sources.asyncpg import default_pool_name
 from tests.sources.dbapps import Outputs, async_wait_until, line_of, running
 
@@ -51,6 +58,28 @@ def _app(postgres_url: str, *, close_pool: bool = True, **pool_options: Any) -> 
     @app.get("/fetch")
     async def fetch() -> dict[str, int]:
         return {"one": await app.state.pool.fetchval("SELECT 1")}
+
+    @app.get("/rows/per-row")
+    async def rows_per_row() -> dict[str, list[str]]:
+        names, secret = [], "hun" + "ter2"  # a literal and a bind value that must not leak
+        query = f"SELECT $1::int AS n, '{secret}' AS tag, $2::text AS token"
+        async with app.state.pool.acquire() as conn:
+            for n in range(6):
+                row = await conn.fetchrow(query, n, secret)  # per row
+                names.append(f"{row['n']}")
+        return {"names": names}
+
+    @app.get("/rows/batched")
+    async def rows_batched() -> dict[str, list[str]]:
+        async with app.state.pool.acquire() as conn:
+            rows = await conn.fetch("SELECT n FROM unnest($1::int[]) AS n", list(range(6)))
+        await app.state.pool.execute("SELECT 1")
+        return {"names": [f"{r['n']}" for r in rows]}
+
+    @app.get("/slow")
+    async def slow() -> dict[str, str]:
+        await app.state.pool.execute("SELECT pg_sleep(0.3)")  # slow statement
+        return {"ok": "slow"}
 
     return app
 
@@ -227,3 +256,88 @@ async def test_default_pool_name_has_no_credentials(args, kwargs, name):
         **kwargs,
     )
     assert default_pool_name(pool) == name
+
+
+def _statements(outputs: Outputs, operation: str, pool: str = "direct") -> float:
+    return outputs.sample(
+        "db_client_operation_duration_seconds_count",
+        db_system_name="postgresql",
+        db_operation_name=operation,
+        db_client_connection_pool_name=pool,
+    )
+
+
+async def test_statements_of_a_registered_pool_are_timed_and_counted_per_request(
+    postgres_url, outputs: Outputs
+):
+    app = _app(postgres_url, min_size=1, max_size=2)
+    outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/rows/batched")).status_code == 200
+        assert (await client.get("/fetch")).status_code == 200
+    assert _statements(outputs, "SELECT") == 3  # conn.fetch, pool.execute, pool.fetchval
+    assert outputs.sample("asyncsentinel_request_db_queries_sum", http_route="/rows/batched") == 2
+    assert outputs.sample("asyncsentinel_request_db_queries_sum", http_route="/fetch") == 1
+    (span,) = [s for s in outputs.spans.get_finished_spans() if s.name == "GET /rows/batched"]
+    assert span.attributes is not None
+    assert span.attributes["asyncsentinel.db.query_count"] == 2
+
+
+async def test_per_row_statements_through_an_asyncpg_pool_are_n_plus_one(
+    postgres_url, outputs: Outputs
+):
+    app = _app(postgres_url, min_size=1, max_size=2)
+    sentinel = outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/rows/per-row")).status_code == 200
+    finding = outputs.assert_reported(
+        sentinel, N_PLUS_ONE, "/rows/per-row", (HERE, line_of(HERE, "# per row"))
+    )
+    assert finding.evidence["count"] == 6 and finding.evidence["pool"] == "direct"
+    assert finding.evidence["statement"] == "SELECT ?::int AS n, ? AS tag, ?::text AS token"
+    # Neither the literal nor the bind values leave the process.
+    assert "hunter2" not in repr(sentinel.findings()) + "".join(outputs.log_lines(N_PLUS_ONE))
+    assert all("hunter2" not in str(event.attributes) for _, event in outputs.events(N_PLUS_ONE))
+
+
+async def test_batched_statements_through_an_asyncpg_pool_healthy_twin(
+    postgres_url, outputs: Outputs
+):
+    app = _app(postgres_url, min_size=1, max_size=2)
+    sentinel = outputs.instrument(app, slow_query_seconds=5)
+    async with running(app) as client:
+        for _ in range(3):
+            assert (await client.get("/rows/batched")).status_code == 200
+    outputs.assert_silent(sentinel, N_PLUS_ONE)
+    outputs.assert_silent(sentinel, SLOW_QUERY)
+
+
+async def test_slow_statement_through_an_asyncpg_pool_is_slow_query(postgres_url, outputs: Outputs):
+    app = _app(postgres_url, min_size=1, max_size=2)
+    sentinel = outputs.instrument(app, slow_query_seconds=0.1)
+    async with running(app) as client:
+        assert (await client.get("/slow")).status_code == 200
+    finding = outputs.assert_reported(
+        sentinel, SLOW_QUERY, "/slow", (HERE, line_of(HERE, "# slow statement"))
+    )
+    assert finding.evidence["pool"] == "direct" and finding.evidence["duration_seconds"] >= 0.3
+
+
+async def test_statements_of_a_pool_nobody_registered_are_not_observed(
+    postgres_url, outputs: Outputs
+):
+    app = FastAPI()
+
+    @app.get("/unregistered")
+    async def unregistered() -> dict[str, int]:
+        pool = await asyncpg.create_pool(postgres_url, min_size=1, max_size=1)
+        try:
+            return {"one": await pool.fetchval("SELECT 1")}
+        finally:
+            await pool.close()
+
+    outputs.instrument(app)
+    async with running(app) as client:
+        assert (await client.get("/unregistered")).status_code == 200
+    assert _statements(outputs, "SELECT") == 0
+    assert outputs.sample("asyncsentinel_request_db_queries_sum", http_route="/unregistered") == 0

@@ -13,10 +13,10 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 from starlette.routing import Route
 
-import asyncsentinel.sources.sqlalchemy as sa_source
 from asyncsentinel import CONNECTION_LEAKED
 from asyncsentinel.context import enter_request, exit_request
 from asyncsentinel.instruments import FINDINGS
+from asyncsentinel.sources.database_accounting import StatementShapes
 from asyncsentinel.sources.sqlalchemy import SQLAlchemySource
 from asyncsentinel.sources.sqlalchemy_engines import default_pool_name
 from tests.support import sample
@@ -221,7 +221,7 @@ def test_errors_inside_the_source_never_reach_the_application(
         # A fake fault: a real statement can't make the shape code fail.
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(sa_source.EngineInfo, "statement", broken)
+    monkeypatch.setattr(StatementShapes, "shape_of", broken)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
     assert (

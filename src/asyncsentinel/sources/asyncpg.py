@@ -14,6 +14,16 @@ every acquire path (``acquire()``, ``fetch()``, ``execute()``...) and every new 
 through. Used/idle levels come from the public ``get_size()``/``get_idle_size()``, so they are
 exact. Whether a connection was taken back without ``release()`` (closed instead) is read from
 the pool proxy's private ``_con``.
+
+Statements: the query methods of the connection proxy a pool hands out (``PoolConnectionProxy``:
+``execute``, ``executemany``, ``fetch``, ``fetchrow``, ``fetchval``, ``fetchmany``, which
+``pool.fetch()`` and the like call too) are wrapped the same way, so statements run through a
+registered pool get ``db_client_operation_duration_seconds``, count into the request's
+statements (``asyncsentinel_request_db_queries``, N+1) and can be ``slow_query`` findings, with
+the line that ran them. asyncpg's own query loggers are not used: they are called on a later
+loop iteration, when the stack that ran the statement is gone. Not seen: prepared statements
+(``conn.prepare()``), cursors and ``COPY``; SQLAlchemy's asyncpg dialect does not use pools or
+these methods (the SQLAlchemy source covers it).
 """
 
 from __future__ import annotations
@@ -27,16 +37,27 @@ from types import FrameType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from asyncpg.pool import Pool
+from asyncpg.pool import Pool, PoolConnectionProxy
 
 from asyncsentinel.config import Settings
 from asyncsentinel.context import current_request
-from asyncsentinel.findings import POOL_NOT_DISPOSED, Dispatcher, Finding
-from asyncsentinel.frames import PACKAGE_PREFIX, Location, frame_location, user_origin
+from asyncsentinel.findings import POOL_NOT_DISPOSED, Dispatcher, EvidenceValue, Finding
+from asyncsentinel.frames import (
+    PACKAGE_PREFIX,
+    Location,
+    Origin,
+    origins_to_stack,
+    user_origin,
+)
 from asyncsentinel.sources import Source
 from asyncsentinel.sources._shared_wrappers import SharedWrappers
 from asyncsentinel.sources.database import DatabaseMonitor
-from asyncsentinel.sources.database_accounting import MAX_NAME_CHARS, Checkout, PoolStats
+from asyncsentinel.sources.database_accounting import (
+    MAX_NAME_CHARS,
+    Checkout,
+    PoolStats,
+    StatementShapes,
+)
 
 _perf_ns = time.perf_counter_ns
 _STACK_LIMIT = 64
@@ -45,11 +66,12 @@ _STACK_LIMIT = 64
 class _PoolEntry:
     """A registered pool, its stats and its connections out (by id of the pool proxy)."""
 
-    __slots__ = ("acquiring", "out", "pool", "stats")
+    __slots__ = ("acquiring", "out", "pool", "statements", "stats")
 
-    def __init__(self, pool: Pool, stats: PoolStats) -> None:
+    def __init__(self, pool: Pool, stats: PoolStats, statements: StatementShapes) -> None:
         self.pool = pool
         self.stats = stats
+        self.statements = statements
         self.out: dict[int, Checkout] = {}
         self.acquiring: dict[asyncio.Task[Any] | None, int] = {}
         """Tasks inside an acquire -> nanoseconds they spent opening new connections."""
@@ -78,16 +100,22 @@ def _first(values: list[str] | None) -> str | None:
     return values[0] if values else None
 
 
-def _stack_here() -> tuple[Location, ...]:
-    """The caller's stack without asyncsentinel's own frames at the inner end."""
-    out: list[Location] = []
+def _origins_here() -> list[Origin]:
+    """The caller's stack as origins, innermost first, without asyncsentinel's own frames at the
+    inner end (lines are computed only if a finding is reported)."""
+    out: list[Origin] = []
     frame: FrameType | None = sys._getframe(1)
     while frame is not None and len(out) < _STACK_LIMIT:
-        if out or not frame.f_code.co_filename.startswith(PACKAGE_PREFIX):
-            out.append(frame_location(frame))
+        code = frame.f_code
+        if out or not code.co_filename.startswith(PACKAGE_PREFIX):
+            out.append((code, frame.f_lasti))
         frame = frame.f_back
-    out.reverse()
-    return tuple(out)
+    return out
+
+
+def _stack_here() -> tuple[Location, ...]:
+    """The caller's stack without asyncsentinel's own frames at the inner end."""
+    return origins_to_stack(_origins_here())
 
 
 def _entry(pool: Pool) -> tuple[AsyncpgSource, _PoolEntry] | None:
@@ -152,6 +180,36 @@ _POOL_WRAPPERS: SharedWrappers[AsyncpgSource] = SharedWrappers(
 _ACTIVE = _POOL_WRAPPERS.active  # a module global: read on every acquire and release
 
 
+def _query_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The statement text of a proxy query method's arguments (``query``, or ``command`` for
+    ``executemany``)."""
+    if args:
+        return args[0]
+    return kwargs.get("query", kwargs.get("command"))
+
+
+def _wrap_query(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    async def query_method(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
+        found = _entry(self._holder._pool) if _ACTIVE else None
+        if found is None:
+            return await original(self, *args, **kwargs)
+        start = _perf_ns()
+        result = await original(self, *args, **kwargs)
+        found[0].executed(found[1], _query_of(args, kwargs), _perf_ns() - start)
+        return result
+
+    return query_method
+
+
+# The statement methods of the connections pools hand out, wrapped for the same sources.
+_QUERY_METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "fetchmany")
+_PROXY_WRAPPERS: SharedWrappers[AsyncpgSource] = SharedWrappers(
+    PoolConnectionProxy,
+    {name: _wrap_query for name in _QUERY_METHODS if name in PoolConnectionProxy.__dict__},
+)
+
+
 class AsyncpgSource(Source):
     """Observes registered ``asyncpg.Pool`` objects: checkouts, waits, timeouts and leaks.
 
@@ -166,11 +224,15 @@ class AsyncpgSource(Source):
         self.monitor = DatabaseMonitor.shared(settings, dispatcher)
         self.entries: dict[int, _PoolEntry] = {}
         self._wait_limit = settings.pool_wait_seconds
+        self._n_plus_one = settings.n_plus_one_threshold
+        self._slow_ns = int(settings.slow_query_seconds * 1e9)
 
     def install(self) -> None:
         _POOL_WRAPPERS.join(self)
+        _PROXY_WRAPPERS.join(self)
 
     def uninstall(self) -> None:
+        _PROXY_WRAPPERS.leave(self)
         if _POOL_WRAPPERS.leave(self):
             self.monitor.cancel_leak_checks()
             self.entries.clear()
@@ -191,9 +253,14 @@ class AsyncpgSource(Source):
         if known is not None and known.pool is pool:
             if name is not None:
                 known.stats.rename(name[:MAX_NAME_CHARS])
+                known.statements.rename(name[:MAX_NAME_CHARS])
             return known.stats.name
         pool_name = (name or default_pool_name(pool))[:MAX_NAME_CHARS]
-        entry = _PoolEntry(pool, PoolStats(self.dispatcher, pool_name, pool.get_max_size()))
+        entry = _PoolEntry(
+            pool,
+            PoolStats(self.dispatcher, pool_name, pool.get_max_size()),
+            StatementShapes("postgresql", pool_name, self.dispatcher.recorder),
+        )
         self.entries[id(pool)] = entry
         self._levels(entry)
         return pool_name
@@ -268,6 +335,31 @@ class AsyncpgSource(Source):
             },
             state=current_request(),
         )
+
+    # --- called by the connection proxy wrappers ------------------------------------------------
+    def executed(self, entry: _PoolEntry, query: Any, elapsed_ns: int) -> None:
+        """A statement ran through a connection of *entry*'s pool in *elapsed_ns*."""
+        try:
+            if not isinstance(query, str):
+                return
+            shape, record_duration = entry.statements.shape_of(query)
+            record_duration(elapsed_ns / 1e9)
+            request = current_request()
+            if request is not None:
+                monitor = self.monitor
+                db = monitor.request(request)
+                if db is not None and db.add(shape, elapsed_ns) == self._n_plus_one:
+                    monitor.flag_n_plus_one(db, shape, _origins_here(), self._evidence(entry))
+            if elapsed_ns >= self._slow_ns:
+                self.monitor.slow_query(
+                    shape, elapsed_ns / 1e9, _stack_here(), self._evidence(entry)
+                )
+        except Exception as exc:
+            self.dispatcher.report_error("source.asyncpg", exc)
+
+    @staticmethod
+    def _evidence(entry: _PoolEntry) -> dict[str, EvidenceValue]:
+        return {"pool": entry.stats.name, "db_system_name": "postgresql"}
 
     def releasing(self, entry: _PoolEntry, connection: Any) -> None:
         """``Pool.release`` was called: the checkout ends."""

@@ -4,6 +4,8 @@
   ``db_client_connection_*`` instruments. Gauges are recorded as deltas, so two pools sharing a
   name (an engine's pool before and after ``dispose()``) add up instead of overwriting each other.
 * :class:`Checkout` — one connection checked out of a pool: when, by which request and line.
+* :class:`StatementShapes` — per pool, each statement text's shape and the recorder of its
+  ``db_client_operation_duration_seconds`` series.
 * :class:`RequestDb` — what one HTTP request did with the database, in
   ``RequestState.extras["sqlalchemy"]``: statement count and time, executions per statement
   shape (for N+1 detection), connections it checked out (for leak detection).
@@ -27,7 +29,10 @@ from asyncsentinel.instruments import (
     DB_CONNECTION_TIMEOUTS,
     DB_CONNECTION_USE_TIME,
     DB_CONNECTION_WAIT_TIME,
+    DB_OPERATION_DURATION,
+    Instrument,
 )
+from asyncsentinel.sources.sql_shapes import describe
 
 REQUEST_KEY = "sqlalchemy"
 """Key of :class:`RequestDb` in ``RequestState.extras`` (shared by every database source)."""
@@ -37,6 +42,60 @@ MAX_CHECKOUTS_PER_REQUEST = 64
 """Checkouts remembered per request for leak detection."""
 MAX_NAME_CHARS = 200
 """Longest pool name used as a label value."""
+MAX_STATEMENTS_PER_POOL = 2048
+"""Statement texts whose shape is remembered per pool (cleared when full)."""
+
+Recorder = Callable[[float], None]
+RecorderFactory = Callable[[Instrument, tuple[str, ...]], Recorder]
+""":meth:`Dispatcher.recorder <asyncsentinel.findings.Dispatcher.recorder>`."""
+
+
+class StatementShapes:
+    """Statement text -> its shape and the recorder of its ``db_client_operation_duration_seconds``
+    series, for one pool.
+
+    One dictionary lookup for statements seen before: SQLAlchemy's compiled cache and
+    applications' constant query strings hand the same texts over and over, and a recorder is
+    bound once per operation name. Bounded; cleared when full.
+    """
+
+    __slots__ = ("_bind", "_durations", "_known", "backslash", "name", "system")
+
+    def __init__(
+        self, system: str, name: str, bind: RecorderFactory, *, backslash: bool = False
+    ) -> None:
+        self.system = system
+        """``db.system.name`` as the semantic conventions spell it (``postgresql``, ``sqlite``)."""
+        self.name = name
+        self.backslash = backslash
+        """String literals use backslash escapes (MySQL/MariaDB)."""
+        self._bind = bind
+        self._known: dict[str, tuple[str, Recorder]] = {}
+        self._durations: dict[str, Recorder] = {}
+
+    def shape_of(self, statement: str) -> tuple[str, Recorder]:
+        """The shape of *statement* and the recorder of its duration series (seconds)."""
+        known = self._known.get(statement)
+        if known is not None:
+            return known
+        shape, operation = describe(statement, backslash_escapes=self.backslash)
+        record = self._durations.get(operation)
+        if record is None:
+            record = self._bind(DB_OPERATION_DURATION, (self.system, operation, self.name))
+            if len(self._durations) >= MAX_STATEMENTS_PER_POOL:
+                self._durations.clear()
+            self._durations[operation] = record
+        known = (shape, record)
+        if len(self._known) >= MAX_STATEMENTS_PER_POOL:
+            self._known.clear()
+        self._known[statement] = known
+        return known
+
+    def rename(self, name: str) -> None:
+        """Record under pool name *name* from now on."""
+        self.name = name
+        self._known = {}
+        self._durations = {}
 
 
 class PoolStats:

@@ -363,7 +363,7 @@ class SQLAlchemySource(Source):
                 return
             engine = connection.engine
             info = self._engines.get(id(engine)) or self._info(engine)
-            shape, record_duration = info.statement(statement)
+            shape, record_duration = info.statements.shape_of(statement)
             record_duration(elapsed / 1e9)
             request = current_request()
             if request is not None:

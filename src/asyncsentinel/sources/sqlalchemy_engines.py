@@ -4,15 +4,17 @@ kind) and the statement shapes and duration recorders it keeps for each."""
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.pool import Pool
 
 from asyncsentinel.frames import Location
-from asyncsentinel.instruments import DB_OPERATION_DURATION, Instrument
-from asyncsentinel.sources.database_accounting import MAX_NAME_CHARS, PoolStats
-from asyncsentinel.sources.sql_shapes import describe
+from asyncsentinel.sources.database_accounting import (
+    MAX_NAME_CHARS,
+    PoolStats,
+    RecorderFactory,
+    StatementShapes,
+)
 
 # db.system.name values of the semantic conventions, by SQLAlchemy dialect name.
 _DB_SYSTEMS = {
@@ -23,10 +25,6 @@ _DB_SYSTEMS = {
     "mssql": "microsoft.sql_server",
     "oracle": "oracle.db",
 }
-_MAX_STATEMENTS_PER_ENGINE = 2048
-
-Recorder = Callable[[float], None]
-RecorderFactory = Callable[[Instrument, tuple[str, ...]], Recorder]
 
 
 class EngineInfo:
@@ -34,15 +32,12 @@ class EngineInfo:
 
     __slots__ = (
         "__weakref__",
-        "_bind",
-        "_durations",
-        "_statements",
-        "backslash",
         "created_at",
         "is_async",
         "name",
         "pool",
         "pool_stats",
+        "statements",
         "system",
     )
 
@@ -60,47 +55,19 @@ class EngineInfo:
         """``db.system.name`` as the semantic conventions spell it (``postgresql``, ``sqlite``)."""
         self.is_async = is_async
         """The driver is an asyncio driver (asyncpg, aiosqlite), run through greenlets."""
-        self.backslash = backslash
-        """String literals use backslash escapes (MySQL/MariaDB)."""
         self.created_at: Location | None = None
         """The user-code line that created the engine, when seen."""
         self.pool: weakref.ref[Pool] | None = None
         """The pool :attr:`pool_stats` belongs to (an engine gets a new pool on ``dispose()``)."""
         self.pool_stats: PoolStats | None = None
         """Accounting of :attr:`pool`; ``None`` for pool types without pool metrics."""
-        self._bind = recorder
-        self._statements: dict[str, tuple[str, Recorder]] = {}
-        self._durations: dict[str, Recorder] = {}
-
-    def statement(self, statement: str) -> tuple[str, Recorder]:
-        """The shape of *statement* and the recorder of its
-        ``db_client_operation_duration_seconds`` series (seconds).
-
-        One dictionary lookup for statements seen before: SQLAlchemy's compiled cache hands
-        the same strings over and over, and the recorder is bound once per operation name.
-        Bounded; cleared when full.
-        """
-        known = self._statements.get(statement)
-        if known is not None:
-            return known
-        shape, operation = describe(statement, backslash_escapes=self.backslash)
-        record = self._durations.get(operation)
-        if record is None:
-            record = self._bind(DB_OPERATION_DURATION, (self.system, operation, self.name))
-            if len(self._durations) >= _MAX_STATEMENTS_PER_ENGINE:
-                self._durations.clear()
-            self._durations[operation] = record
-        known = (shape, record)
-        if len(self._statements) >= _MAX_STATEMENTS_PER_ENGINE:
-            self._statements.clear()
-        self._statements[statement] = known
-        return known
+        self.statements = StatementShapes(system, name, recorder, backslash=backslash)
+        """Shapes and duration recorders of the statements run on this engine."""
 
     def rename(self, name: str) -> None:
         """Use *name* as the pool name from now on."""
         self.name = name
-        self._statements = {}
-        self._durations = {}
+        self.statements.rename(name)
 
 
 def default_pool_name(url: URL) -> str:
