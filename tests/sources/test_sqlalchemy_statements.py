@@ -24,10 +24,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.sources.dbapps import pg_url
 from tests.support import sample
-
-__all__ = ["pg_url"]  # the fixture, imported so pytest finds it
 
 _metadata = MetaData()
 _items = Table(
