@@ -62,6 +62,9 @@ class RequestState:
 
 
 _current: ContextVar[RequestState | None] = ContextVar("asyncsentinel_request", default=None)
+current_request_var = _current
+"""The context variable behind :func:`current_request`: ``current_request_var.get()`` is the same
+without a function call, for paths that run for every SQL statement."""
 
 
 def current_request() -> RequestState | None:

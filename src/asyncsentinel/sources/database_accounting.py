@@ -59,7 +59,7 @@ class StatementShapes:
     bound once per operation name. Bounded; cleared when full.
     """
 
-    __slots__ = ("_bind", "_durations", "_known", "backslash", "name", "system")
+    __slots__ = ("_bind", "_durations", "backslash", "known", "name", "system")
 
     def __init__(
         self, system: str, name: str, bind: RecorderFactory, *, backslash: bool = False
@@ -70,12 +70,13 @@ class StatementShapes:
         self.backslash = backslash
         """String literals use backslash escapes (MySQL/MariaDB)."""
         self._bind = bind
-        self._known: dict[str, tuple[str, Recorder]] = {}
+        self.known: dict[str, tuple[str, Recorder]] = {}
+        """Statement text -> (shape, recorder) for texts seen (read directly on hot paths)."""
         self._durations: dict[str, Recorder] = {}
 
     def shape_of(self, statement: str) -> tuple[str, Recorder]:
         """The shape of *statement* and the recorder of its duration series (seconds)."""
-        known = self._known.get(statement)
+        known = self.known.get(statement)
         if known is not None:
             return known
         shape, operation = describe(statement, backslash_escapes=self.backslash)
@@ -86,15 +87,15 @@ class StatementShapes:
                 self._durations.clear()
             self._durations[operation] = record
         known = (shape, record)
-        if len(self._known) >= MAX_STATEMENTS_PER_POOL:
-            self._known.clear()
-        self._known[statement] = known
+        if len(self.known) >= MAX_STATEMENTS_PER_POOL:
+            self.known.clear()
+        self.known[statement] = known
         return known
 
     def rename(self, name: str) -> None:
         """Record under pool name *name* from now on."""
         self.name = name
-        self._known = {}
+        self.known = {}
         self._durations = {}
 
 

@@ -42,7 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import QueuePool
 
 from asyncsentinel.config import Settings
-from asyncsentinel.context import RequestState, current_request
+from asyncsentinel.context import RequestState, current_request, current_request_var
 from asyncsentinel.findings import (
     DB_CONFIGURATION_ADVICE,
     ENGINE_CREATED_IN_REQUEST,
@@ -318,8 +318,12 @@ class SQLAlchemySource(Source):
             return False  # no execution context to attribute it to: SQLAlchemy runs it
         dialect = context.dialect
         listeners = dialect.dispatch.do_execute
+        try:  # "only ours?" without calling the collection's __len__ (a Python method)
+            alone = len(listeners.parent_listeners) == 1 and not getattr(listeners, "listeners", 0)
+        except AttributeError:  # a SQLAlchemy that stores listeners differently
+            alone = len(listeners) == 1
         start = _perf_ns()
-        if len(listeners) == 1 or not _later_listeners_ran(
+        if alone or not _later_listeners_ran(
             listeners, self._on_do_execute, (cursor, statement, parameters, context)
         ):
             dialect.do_execute(cursor, statement, parameters, context)
@@ -363,9 +367,13 @@ class SQLAlchemySource(Source):
                 return
             engine = connection.engine
             info = self._engines.get(id(engine)) or self._info(engine)
-            shape, record_duration = info.statements.shape_of(statement)
+            # Calls saved on purpose here (this runs for every statement): the shape cache and
+            # the request context variable are read directly.
+            statements = info.statements
+            known = statements.known.get(statement)
+            shape, record_duration = known or statements.shape_of(statement)
             record_duration(elapsed / 1e9)
-            request = current_request()
+            request = current_request_var.get()
             if request is not None:
                 monitor = self.monitor
                 db = request.extras.get(REQUEST_KEY)
