@@ -9,7 +9,8 @@ SA20_VENV ?= .venv-sqlalchemy20
 SA20_STAMP := $(SA20_VENV)/.installed-dev
 DB_TESTS := tests/sources/test_sqlalchemy.py tests/sources/test_sqlalchemy_findings.py \
 	tests/sources/test_sqlalchemy_pool.py tests/sources/test_sqlalchemy_sessions.py \
-	tests/sources/test_sql_shapes.py tests/sources/test_asyncpg.py
+	tests/sources/test_sql_shapes.py tests/sources/test_asyncpg.py \
+	tests/sources/test_sqlalchemy_statements.py
 
 .PHONY: demo test test-sqlalchemy-2.0 lint format bench clean
 
