@@ -49,6 +49,12 @@ def _loop(args: argparse.Namespace) -> None:
     loop_detection.run(args)
 
 
+def _loop_overhead(args: argparse.Namespace) -> None:
+    import loop_overhead
+
+    loop_overhead.run(args)
+
+
 SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "request": (request_overhead.DESCRIPTION, request_overhead.run),
     "db": ("Per-statement cost of the SQLAlchemy listeners, next to OpenTelemetry's.", _db),
@@ -57,6 +63,10 @@ SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
         _sessions,
     ),
     "loop": ("Detection quality of blocked-event-loop monitors (recall, culprit, delay).", _loop),
+    "loop-overhead": (
+        "What the loop monitor and task tracking cost: idle CPU, CPU under load, µs per task.",
+        _loop_overhead,
+    ),
 }
 
 
@@ -89,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     else:
         loop_detection.add_arguments(parser.add_argument_group("loop suite"))
+    import loop_overhead
+
+    loop_overhead.add_arguments(parser.add_argument_group("loop-overhead suite"))
     args = parser.parse_args(argv)
     for name in args.suite or list(SUITES):
         print(f"# suite: {name} — {SUITES[name][0]}", flush=True)
