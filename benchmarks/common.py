@@ -54,6 +54,20 @@ def rotated(items: Sequence[str], round_index: int) -> list[str]:
     return [*items[shift:], *items[:shift]]
 
 
+def require_installed(names: Iterable[str]) -> None:
+    """Exit with a clear message when a distribution a suite drives is not installed.
+
+    The peers and servers the suites compare against are the ``bench`` extra, not the ``dev``
+    one ``make test`` installs; without this a suite would fail deep inside a child process.
+    """
+    missing = [name for name, version in package_versions(names).items() if version is None]
+    if missing:
+        sys.exit(
+            f"benchmarks need the 'bench' extra; missing: {', '.join(missing)}. Install it with "
+            f"`.venv/bin/pip install -e '.[bench]'` (`make bench` does, then runs every suite)."
+        )
+
+
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:
     """Installed version of each distribution (``None`` when it is not installed)."""
     versions: dict[str, str | None] = {}

@@ -1268,6 +1268,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the suite, print the tables, write the JSON; returns the payload."""
+    common.require_installed(PACKAGES)
     from asyncsentinel.config import Settings
 
     assert Settings().loop_block_seconds == THRESHOLD, "asyncsentinel's default threshold moved"

@@ -542,6 +542,7 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the suite, print the tables, write the JSON; returns the payload."""
+    common.require_installed(PACKAGES)
     quick = bool(getattr(args, "quick", False))
     parts = args.part or ["idle", "load", "tasks"]
     window = args.window or (2.0 if quick else 10.0)

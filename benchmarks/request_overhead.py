@@ -462,6 +462,7 @@ def add_arguments(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the suite as configured by *args*; print tables; write and return the results."""
+    common.require_installed(PACKAGES)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     if not names or names[0] != variants.BARE:
         names = [variants.BARE, *[n for n in names if n != variants.BARE]]
