@@ -8,12 +8,15 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
 
 from asyncsentinel import Sentinel, SentinelMiddleware
 from asyncsentinel.findings import SLOW_QUERY, Finding
 from asyncsentinel.frames import current_stack, user_culprit
+from asyncsentinel.sinks import otel
 
 
 def client(app: Any) -> httpx.AsyncClient:
@@ -150,3 +153,38 @@ async def test_span_attributes_from_detectors_land_on_the_request_span(
         await c.get("/count")
     (span,) = [s for s in spans.get_finished_spans() if s.name == "GET /count"]
     assert dict(span.attributes or {})["asyncsentinel.db.query_count"] == 3
+
+
+def test_with_tracing_off_no_attributes_or_stack_text_are_built(
+    monkeypatch: Any,
+) -> None:
+    """Findings of every request (an N+1, a slow query) cost no formatted stack when no tracer
+    provider records: the attributes are built only for a span that records."""
+
+    built: list[str] = []
+    original = otel.finding_attributes
+
+    def counting(finding: Finding) -> Any:
+        built.append(finding.kind)
+        return original(finding)
+
+    monkeypatch.setattr(otel, "finding_attributes", counting)
+    stack = current_stack()
+    finding = Finding.create(
+        SLOW_QUERY, "slow", culprit=user_culprit(stack), stack=stack, request=None
+    )
+    otel.OpenTelemetrySink(otel.tracer_for(NoOpTracerProvider())).emit(finding)
+    assert built == []
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    otel.OpenTelemetrySink(otel.tracer_for(provider)).emit(finding)
+    assert built == [SLOW_QUERY]
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "asyncsentinel.finding"
+    attributes = dict(span.attributes or {})
+    assert attributes["code.line.number"] == finding.culprit.lineno  # type: ignore[union-attr]
+    assert "test_otel.py" in str(attributes["code.stacktrace"])
+    assert span.events[0].name == "asyncsentinel.slow_query"

@@ -62,35 +62,40 @@ class OpenTelemetrySink:
         self._tracer = tracer
 
     def emit(self, finding: Finding) -> None:
+        # The attributes (a formatted stack with source lines among them) are built only for a
+        # span that records: with no tracing configured, or a span sampled out, they would be
+        # thrown away, and an N+1 or a slow query is reported on every request of its route.
         request_span: Span | None = finding.span
-        attrs = finding_attributes(finding)
         event_name = f"asyncsentinel.{finding.kind}"
         interval = finding.evidence.get("started_at"), finding.evidence.get("ended_at")
-        links = _links_to(request_span)
         if finding.kind in INTERVAL_SPAN_NAMES and all(isinstance(t, float) for t in interval):
             start_ns, end_ns = (int(float(t) * 1e9) for t in interval)  # type: ignore[arg-type]
             span = self._tracer.start_span(
                 INTERVAL_SPAN_NAMES[finding.kind],
-                links=links,
+                links=_links_to(request_span),
                 start_time=start_ns,
-                attributes=attrs,
                 kind=SpanKind.INTERNAL,
             )
-            span.add_event(event_name, attrs, timestamp=end_ns)
-            span.set_status(Status(StatusCode.ERROR, finding.message))
+            if span.is_recording():
+                attrs = finding_attributes(finding)
+                span.set_attributes(attrs)
+                span.add_event(event_name, attrs, timestamp=end_ns)
+                span.set_status(Status(StatusCode.ERROR, finding.message))
             span.end(end_time=end_ns)
             return
         if request_span is not None and request_span.is_recording():
-            request_span.add_event(event_name, attrs)
+            request_span.add_event(event_name, finding_attributes(finding))
             return
         current = trace.get_current_span()
         if request_span is None and current.is_recording():
-            current.add_event(event_name, attrs)
+            current.add_event(event_name, finding_attributes(finding))
             return
-        with self._tracer.start_as_current_span(
-            "asyncsentinel.finding", links=links, attributes=attrs
-        ) as span:
+        span = self._tracer.start_span("asyncsentinel.finding", links=_links_to(request_span))
+        if span.is_recording():
+            attrs = finding_attributes(finding)
+            span.set_attributes(attrs)
             span.add_event(event_name, attrs)
+        span.end()
 
     def request_finished(self, state: RequestState) -> None:
         span = state.span
