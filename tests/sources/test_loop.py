@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import gc
 import os
 import socket
@@ -77,19 +76,13 @@ def _crunch() -> int:
     return sum(i * i for i in range(2000))  # BLOCK:cpu
 
 
-@functools.cache
-def crunches_per_cpu_second() -> float:
-    """Calibrated on this thread's CPU clock, so a loaded machine does not skew it."""
-    count, start = 0, time.thread_time()
-    while time.thread_time() - start < 0.05:
-        _crunch()
-        count += 1
-    return count / (time.thread_time() - start)
-
-
 def cpu_work(seconds: float) -> int:
-    """A fixed amount of CPU work: about *seconds* of CPU on an idle core, longer when starved."""
-    return sum(_crunch() for _ in range(int(crunches_per_cpu_second() * seconds)))
+    """Pure CPU work until this thread has used *seconds* of CPU: the loop is blocked at least
+    that long in wall time (longer when the host gives the thread less than a whole CPU)."""
+    total, start = 0, time.thread_time()
+    while time.thread_time() - start < seconds:
+        total += _crunch()
+    return total
 
 
 def blocking_app(tmp: Path) -> FastAPI:
@@ -207,7 +200,6 @@ def test_blocking_routes_are_reported_with_the_blocking_line(
     finding_logs: pytest.LogCaptureFixture,
     sentinels: list[Sentinel],
 ) -> None:
-    crunches_per_cpu_second()  # calibrate before the server runs
     app = blocking_app(tmp_path)
     sentinel = instrumented(app, registry, tracer_provider, loop_block_seconds=0.1)
     sentinels.append(sentinel)
