@@ -18,9 +18,9 @@ from asyncsentinel.frames import (
     PACKAGE_PREFIX,
     Location,
     Origin,
-    is_user_code,
     origin_location,
     origins_to_stack,
+    user_origin,
 )
 
 try:  # SQLAlchemy's asyncio support runs the sync engine in greenlets (sqlalchemy[asyncio]).
@@ -103,15 +103,14 @@ def origin_here(skip: int = 0) -> Origin | None:
     except ValueError:  # a shorter stack than the caller thought: walk all of it
         frame = sys._getframe(1)
     greenlet = None
-    for _ in range(_STACK_LIMIT * 2):
+    # This greenlet's frames, then its parent's (where an AsyncEngine's caller runs), and so on.
+    for _ in range(4):
+        found = user_origin(frame, _STACK_LIMIT)
+        if found is not None:
+            return found
+        frame, greenlet = _outer(greenlet)
         if frame is None:
-            frame, greenlet = _outer(greenlet)
-            if frame is None:
-                return None
-        code = frame.f_code
-        if is_user_code(code.co_filename):
-            return code, frame.f_lasti
-        frame = frame.f_back
+            return None
     return None
 
 
