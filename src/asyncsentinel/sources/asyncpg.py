@@ -118,7 +118,7 @@ def _stack_here() -> tuple[Location, ...]:
     return origins_to_stack(_origins_here())
 
 
-def _entry(pool: Pool) -> tuple[AsyncpgSource, _PoolEntry] | None:
+def _entry(pool: Pool | None) -> tuple[AsyncpgSource, _PoolEntry] | None:
     for source in _ACTIVE:
         entry = source.entries.get(id(pool))
         if entry is not None and entry.pool is pool:
@@ -191,7 +191,10 @@ def _query_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 def _wrap_query(original: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
     @functools.wraps(original)
     async def query_method(self: PoolConnectionProxy, *args: Any, **kwargs: Any) -> Any:
-        found = _entry(self._holder._pool) if _ACTIVE else None
+        # The pool behind the proxy, read from asyncpg's private holder: looked up defensively,
+        # so another asyncpg layout only means the statement is not observed.
+        holder = getattr(self, "_holder", None)
+        found = _entry(getattr(holder, "_pool", None)) if _ACTIVE else None
         if found is None:
             return await original(self, *args, **kwargs)
         start = _perf_ns()
