@@ -1,12 +1,17 @@
 """Event-loop monitor: heartbeat lag, and blocked-loop incidents with the stack that blocked.
 
+This module holds :class:`LoopMonitor`'s life cycle and its work on the loop thread, and
+:class:`LoopSource`, which runs a monitor during the app's lifespan. The watchdog thread's work
+is in :mod:`asyncsentinel.sources.loop_watchdog` (a mixin of the monitor), the judging of a
+stall in :mod:`asyncsentinel.sources.loop_judge`.
+
 Design (the one the field converged on): a heartbeat callback scheduled on the loop every
 ``loop_heartbeat_seconds`` records how late it ran (the lag histogram) and the loop thread's
 scheduler statistics (one ``pread`` of ``/proc/thread-self/schedstat`` on Linux). A watchdog
 thread sleeps until the next heartbeat is overdue; if the loop has still not run it, the watchdog
 samples the loop thread's stack with ``sys._current_frames()`` *while the loop is blocked*,
 several times during a long block. When the loop comes back, the incident is judged off the loop
-(:mod:`asyncsentinel.sources.loop_judge`) and handed to it with ``call_soon_threadsafe``: the
+and handed to it with ``call_soon_threadsafe`` (:meth:`LoopMonitor._emit` reports it): the
 culprit is the innermost user-code frame of the dominant sample (the ``time.sleep``/``read``/CPU
 loop line itself) and the request is the one whose task was running
 (``asyncio.current_task(loop)`` read by the watchdog, then the task's context).
@@ -41,7 +46,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -54,19 +58,16 @@ from asyncsentinel.sources import Source
 from asyncsentinel.sources._task_requests import (
     HAS_TASK_CONTEXT,
     bind_root_task,
-    request_of_task,
     unbind_root_task,
 )
 from asyncsentinel.sources.loop_judge import (
     LateBeat,
-    StackSample,
     Verdict,
-    judge,
     message,
     open_schedstat,
     read_schedstat,
-    stack_sample,
 )
+from asyncsentinel.sources.loop_watchdog import Beat, LoopWatchdog
 
 if TYPE_CHECKING:
     from asyncsentinel.sentinel import Sentinel
@@ -77,26 +78,9 @@ _IDLE_BEATS = 4  # an idle loop beats every 4 heartbeat intervals (at most the t
 _IDLE_CPU_SHARE = 100  # the loop thread used under 1/100 of the time since the last beat: idle
 _LAG_BATCH = 32  # lag samples recorded together
 _DEPTH_EVERY = 64  # beats between two measurements of the loop's dispatch depth
-_MAX_SAMPLES = 256  # per incident; sampling also slows down during very long blocks
-_BACKOFF_AFTER = 20  # samples at the base interval before the interval doubles
-_MAX_SAMPLE_INTERVAL = 1.0
 
 
-@dataclass(slots=True)
-class _Beat:
-    """One heartbeat as it ran; never changed once published (replaced as a whole, so the
-    watchdog reads a consistent snapshot). Not frozen: a frozen dataclass costs ~3x as much to
-    build, and this one is built 40 times a second on the application's loop."""
-
-    seq: int
-    ran_ns: int
-    next_due_ns: int
-    cpu_ns: int  # loop thread CPU time when it ran
-    wait_ns: int  # loop thread run-queue wait when it ran (-1: unknown, not Linux)
-    gc_ns: int  # total GC time seen so far
-
-
-class LoopMonitor:
+class LoopMonitor(LoopWatchdog):
     """Watches one event loop: heartbeat lag and blocked-loop incidents with the blocking stack.
 
     With :func:`asyncsentinel.instrument` it is started and stopped by the app's lifespan.
@@ -162,7 +146,7 @@ class LoopMonitor:
         self._wake = threading.Event()  # stop, or the loop left idle mode
         self._stop_requested = False
         self._idle = False
-        self._beat: _Beat | None = None
+        self._beat: Beat | None = None
         # Recent late heartbeats, appended by the loop, read by the watchdog (deque appends and
         # copies are atomic); a few, so a watchdog that wakes late still finds the one it needs.
         self._lates: deque[LateBeat] = deque(maxlen=16)
@@ -290,7 +274,7 @@ class LoopMonitor:
         # monitor's whole idle budget. A loop that is serving anything beats as configured.
         self._idle = idle
         interval_ns = self._idle_interval_ns if idle else self._interval_ns
-        self._beat = _Beat(seq, now, now + interval_ns, cpu, wait, gc_total)
+        self._beat = Beat(seq, now, now + interval_ns, cpu, wait, gc_total)
         self._handle = loop.call_later(interval_ns / 1e9, self._heartbeat)
 
     def _cpu_and_wait(self) -> tuple[int, int]:
@@ -315,7 +299,7 @@ class LoopMonitor:
             self._handle.cancel()
         now = _clock()
         cpu, wait = self._cpu_and_wait()
-        self._beat = _Beat(prev.seq + 1, now, now + self._interval_ns, cpu, wait, self._gc_total_ns)
+        self._beat = Beat(prev.seq + 1, now, now + self._interval_ns, cpu, wait, self._gc_total_ns)
         self._handle = loop.call_later(self.heartbeat_seconds, self._heartbeat)
         self._wake.set()
 
@@ -353,100 +337,6 @@ class LoopMonitor:
         elif self._gc_started_ns:
             self._gc_total_ns += _clock() - self._gc_started_ns
             self._gc_started_ns = 0
-
-    # --- on the watchdog thread -------------------------------------------------------------------
-    def _watch(self) -> None:
-        examined_seq = -1
-        try:
-            while not self._stop_requested:
-                loop, beat = self._loop, self._beat
-                if loop is None:
-                    return
-                if beat is None:  # the first heartbeat has not run yet
-                    if self._sleep(self.heartbeat_seconds):
-                        return
-                    continue
-                delay = (beat.next_due_ns + self._early_ns - _clock()) / 1e9
-                if delay > 0 and self._sleep(delay):
-                    return
-                samples: list[StackSample] = []
-                first_ns = 0
-                if self._beat is beat:
-                    if loop.is_closed():
-                        # Closed without stop(): release what start() took, then end.
-                        self.stop()
-                        return
-                    if not loop.is_running():
-                        # Between run_until_complete calls: the late beat measures a pause.
-                        self._paused_seq = beat.seq
-                        if self._sleep(self.heartbeat_seconds):
-                            return
-                        continue
-                    first_ns = self._follow_stall(loop, beat, samples)
-                for late in list(self._lates):
-                    if late.seq <= examined_seq:
-                        continue
-                    examined_seq = late.seq
-                    matched = samples if late.seq == beat.seq + 1 else []
-                    verdict = judge(
-                        late,
-                        matched,
-                        threshold_ns=self._threshold_ns,
-                        epoch_offset_ns=time.time_ns() - _clock(),
-                        tight_ns=self._interval_ns,
-                        first_sample_ns=first_ns if matched else 0,
-                    )
-                    if verdict is not None:
-                        # RuntimeError: the loop closed before the incident could be reported.
-                        with contextlib.suppress(RuntimeError):
-                            loop.call_soon_threadsafe(self._emit, verdict)
-        except Exception as exc:
-            self._dispatcher.report_error("source.loop.watchdog", exc)
-
-    def _sleep(self, seconds: float) -> bool:
-        """Wait up to *seconds* (or until woken); True when the monitor is stopping."""
-        if self._wake.wait(seconds):
-            self._wake.clear()
-        return self._stop_requested
-
-    def _follow_stall(
-        self, loop: asyncio.AbstractEventLoop, beat: _Beat, samples: list[StackSample]
-    ) -> int:
-        """Sample the loop thread until the heartbeat runs again; returns when the first sample
-        was taken (0: none, or the loop was paused or the monitor stopped)."""
-        interval = self._sample_interval
-        first_ns = taken = 0
-        while self._beat is beat:
-            if not loop.is_running():
-                self._paused_seq = beat.seq
-                return 0
-            sample = self._sample(loop)
-            if self._beat is not beat:
-                break  # the loop came back while we sampled: the stack may be after the block
-            taken += 1
-            if not first_ns:
-                first_ns = _clock()
-            if sample is not None and len(samples) < _MAX_SAMPLES:
-                samples.append(sample)
-            if taken >= _BACKOFF_AFTER:
-                interval = min(interval * 2, _MAX_SAMPLE_INTERVAL)
-            if self._sleep(interval):
-                return 0
-        return first_ns
-
-    def _sample(self, loop: asyncio.AbstractEventLoop) -> StackSample | None:
-        """The loop thread's stack now, or ``None`` when it is not running a callback."""
-        # asyncio.current_task(loop) reads asyncio's per-loop "current task" map: a single
-        # dict lookup, atomic under the GIL, valid from any thread (also under uvloop).
-        task = asyncio.current_task(loop)
-        frame = sys._current_frames().get(self._loop_thread_id)
-        request = request_of_task(task)
-        # Read now, while the loop is blocked: these moments all came before the block.
-        alive = self._alive_ns
-        if request is not None:
-            alive = max(alive, request.start_ns, request.response_end_ns)
-        name = task.get_name() if task is not None else ""
-        return stack_sample(frame, self._dispatch_depth, request, name, alive)
 
 
 class LoopSource(Source):

@@ -1,7 +1,8 @@
 """Judging a stalled event loop: was it blocked, by what, for how long, and whose doing was it.
 
 Functions over what the loop monitor (:mod:`asyncsentinel.sources.loop`) recorded: the heartbeat
-that ran late (:class:`LateBeat`), the stacks the watchdog sampled while the loop was stalled
+that ran late (:class:`LateBeat`), the stacks its watchdog
+(:mod:`asyncsentinel.sources.loop_watchdog`) sampled while the loop was stalled
 (:class:`StackSample`, made by :func:`stack_sample`) and the loop thread's scheduler statistics.
 No threads, no clocks: everything here is testable with constructed values.
 """
