@@ -9,7 +9,8 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -90,3 +91,26 @@ TEST_DATABASE_ENV = "ASYNCSENTINEL_TEST_DATABASE_URL"
 
 def database_url_from_env() -> str | None:
     return os.environ.get(TEST_DATABASE_ENV) or None
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll *predicate* until it returns something truthy (returned), or fail after *timeout*:
+    a server in a thread, or a watchdog, reports after the client got its response."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+def line_of(path: str, marker: str) -> int:
+    """The number of the only line of *path* that ends with *marker* (e.g. ``# per row``)."""
+    lines = [
+        number
+        for number, text in enumerate(Path(path).read_text().splitlines(), start=1)
+        if text.rstrip().endswith(marker)
+    ]
+    assert len(lines) == 1, (marker, lines)
+    return lines[0]

@@ -12,7 +12,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 import asyncsentinel
 from asyncsentinel import Finding, Sentinel
-from tests.support import asyncpg_sqlalchemy_url, sample
+from tests.support import asyncpg_sqlalchemy_url, sample, wait_for
 
 CUSTOMERS = 10
 ORDERS = 30
@@ -113,11 +112,7 @@ async def running(app: Any) -> AsyncIterator[httpx.AsyncClient]:
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     """Poll *predicate* (the server finishes a request after the client got its response)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
+    wait_for(predicate, timeout)
 
 
 async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -127,17 +122,6 @@ async def async_wait_until(predicate: Callable[[], bool], timeout: float = 10.0)
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.01)
-
-
-def line_of(path: str, marker: str) -> int:
-    """The line number of the only line of *path* that contains *marker*."""
-    lines = [
-        number
-        for number, line in enumerate(Path(path).read_text().splitlines(), start=1)
-        if marker in line and f'"{marker}"' not in line  # not the test quoting it
-    ]
-    assert len(lines) == 1, (marker, lines)
-    return lines[0]
 
 
 def dispose_at_shutdown(*engines: AsyncEngine) -> Any:

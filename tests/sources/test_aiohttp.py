@@ -35,6 +35,7 @@ from asyncsentinel import (
     SentinelMiddleware,
 )
 from asyncsentinel.sources.aiohttp_metrics import OVERFLOW_ADDRESS, ServerAddresses
+from tests import support
 from tests.support import free_port, sample, serve
 
 HERE = str(Path(__file__).resolve())
@@ -48,10 +49,7 @@ UNCLOSED_WARNING = "ignore:Unclosed client session:ResourceWarning"
 
 def line_of(marker: str) -> int:
     """The line of this file carrying *marker* (so culprit assertions survive edits)."""
-    lines = Path(HERE).read_text().splitlines()
-    hits = [n for n, text in enumerate(lines, 1) if text.rstrip().endswith(marker)]
-    assert len(hits) == 1, marker
-    return hits[0]
+    return support.line_of(HERE, marker)
 
 
 @contextlib.contextmanager

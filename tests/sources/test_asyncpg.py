@@ -21,7 +21,8 @@ from asyncsentinel import (
     ConfigError,
 )
 from asyncsentinel.sources.asyncpg import default_pool_name
-from tests.sources.dbapps import Outputs, async_wait_until, line_of, running
+from tests.sources.dbapps import Outputs, async_wait_until, running
+from tests.support import line_of
 
 HERE = __file__
 ROUTE = "/hold/{seconds}"

@@ -46,7 +46,8 @@ from asyncsentinel.sources.loop_judge import (
     judge,
     stack_sample,
 )
-from tests.support import sample, serve
+from tests import support
+from tests.support import sample, serve, wait_for
 
 BLOCK = 0.5
 THIS_FILE = os.path.abspath(__file__)
@@ -56,20 +57,7 @@ QUIET = {"sqlalchemy": False, "aiohttp": False, "log_rate_limit_seconds": 0}
 
 def line_of(marker: str) -> int:
     """Line number of the statement tagged ``# <marker>`` in this file."""
-    for number, text in enumerate(Path(THIS_FILE).read_text().splitlines(), start=1):
-        if text.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(f"marker {marker} not found")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    return support.line_of(THIS_FILE, f"# {marker}")
 
 
 def _crunch() -> int:

@@ -15,15 +15,8 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import selectinload
 
 from asyncsentinel import N_PLUS_ONE, POOL_EXHAUSTED
-from tests.sources.dbapps import (
-    Order,
-    Outputs,
-    culprit_of,
-    dispose_at_shutdown,
-    line_of,
-    wait_until,
-)
-from tests.support import serve
+from tests.sources.dbapps import Order, Outputs, culprit_of, dispose_at_shutdown, wait_until
+from tests.support import line_of, serve
 
 HERE = __file__
 

@@ -26,14 +26,8 @@ from asyncsentinel import (
     SYNC_DB_ON_EVENT_LOOP,
     Severity,
 )
-from tests.sources.dbapps import (
-    Outputs,
-    add_select_one,
-    culprit_of,
-    dispose_at_shutdown,
-    line_of,
-    running,
-)
+from tests.sources.dbapps import Outputs, add_select_one, culprit_of, dispose_at_shutdown, running
+from tests.support import line_of
 
 HERE = __file__
 

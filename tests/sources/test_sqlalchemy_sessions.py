@@ -51,8 +51,8 @@ from asyncsentinel import (
     Sentinel,
 )
 from asyncsentinel.sources.sqlalchemy_sessions import SQLAlchemySessionSource
-from tests.sources.dbapps import Outputs, line_of
-from tests.support import asyncpg_sqlalchemy_url, serve
+from tests.sources.dbapps import Outputs
+from tests.support import asyncpg_sqlalchemy_url, line_of, serve
 
 HERE = __file__
 SECRET = "sk_live_4f9Qz7SECRETVALUE"  # must never reach a metric, span or log

@@ -13,7 +13,6 @@ import gc
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,7 +32,8 @@ from asyncsentinel import (
     Sentinel,
 )
 from asyncsentinel.sources.tasks import TaskSource
-from tests.support import sample, serve
+from tests import support
+from tests.support import sample, serve, wait_for
 
 THIS_FILE = os.path.abspath(__file__)
 LOOPS = ["asyncio", "uvloop"]
@@ -42,20 +42,8 @@ TASK_KINDS = (TASK_LEAKED, CANCELLATION_SWALLOWED, TASK_EXCEPTION_UNRETRIEVED)
 
 
 def line_of(marker: str) -> int:
-    for number, text in enumerate(Path(THIS_FILE).read_text().splitlines(), start=1):
-        if text.rstrip().endswith(f"# {marker}"):
-            return number
-    raise AssertionError(f"marker {marker} not found")
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
+    """Line number of the statement tagged ``# <marker>`` in this file."""
+    return support.line_of(THIS_FILE, f"# {marker}")
 
 
 async def linger() -> None:

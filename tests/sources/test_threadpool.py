@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import pytest
@@ -20,23 +19,13 @@ from prometheus_client import CollectorRegistry
 import asyncsentinel
 from asyncsentinel import Sentinel
 from asyncsentinel.sources.threadpool import ThreadPoolSource
-from tests.support import sample, serve
+from tests.support import sample, serve, wait_for
 
 LOOPS = ["asyncio", "uvloop"]
 QUIET = {"sqlalchemy": False, "aiohttp": False, "log_rate_limit_seconds": 0}
 QUEUED = "asyncsentinel_thread_pool_queued_tasks"
 BUSY = "asyncsentinel_thread_pool_busy_threads"
 MAX = "asyncsentinel_thread_pool_max_threads"
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def pool_app(gate: threading.Event) -> FastAPI:
