@@ -68,6 +68,19 @@ def require_installed(names: Iterable[str]) -> None:
         )
 
 
+def source_digests(names: Iterable[str]) -> dict[str, str]:
+    """SHA-256 (first 16 hex digits) of the asyncsentinel files a suite measures, by path inside
+    the package: the source tree changes while benchmarks run, and the figures belong to one
+    version of these files. asyncsentinel is imported here, not at the top: the peers' server
+    processes never load it."""
+    import hashlib
+
+    import asyncsentinel
+
+    package = Path(asyncsentinel.__file__).resolve().parent
+    return {name: hashlib.sha256((package / name).read_bytes()).hexdigest()[:16] for name in names}
+
+
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:
     """Installed version of each distribution (``None`` when it is not installed)."""
     versions: dict[str, str | None] = {}

@@ -104,6 +104,14 @@ PACKAGES = (
     "uvloop",
     "httptools",
 )
+SOURCE_FILES = (
+    "sources/loop.py",
+    "sources/loop_watchdog.py",
+    "sources/loop_judge.py",
+    "frames.py",
+    "sources/_task_requests.py",
+)
+"""The asyncsentinel files this suite measures (their digests go into the JSON)."""
 
 
 @dataclass(frozen=True)
@@ -1215,25 +1223,6 @@ async def _drive(args: argparse.Namespace, scenarios: Sequence[Scenario]) -> lis
     return scores
 
 
-def source_digests() -> dict[str, str]:
-    """SHA-256 (first 16 hex digits) of the asyncsentinel files measured here: the source tree
-    changes while benchmarks run, and the figures belong to one version of these files."""
-    import hashlib
-
-    import asyncsentinel  # here, not at the top: the peers' server processes never load it
-
-    package = Path(asyncsentinel.__file__).resolve().parent
-    return {
-        name: hashlib.sha256((package / name).read_bytes()).hexdigest()[:16]
-        for name in (
-            "sources/loop.py",
-            "sources/loop_judge.py",
-            "frames.py",
-            "sources/_task_requests.py",
-        )
-    }
-
-
 def _ms_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition(",")
     if not low.isdigit() or not high.isdigit() or int(low) > int(high):
@@ -1295,7 +1284,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": common.machine_info(),
         "run": {**common.run_info(), "elapsed_seconds": round(elapsed, 1)},
         "versions": common.package_versions(PACKAGES),
-        "asyncsentinel_sources_sha256": source_digests(),
+        "asyncsentinel_sources_sha256": common.source_digests(SOURCE_FILES),
         "parameters": {
             "blocks_per_detector": args.blocks,
             "block_ms": list(args.block_ms),

@@ -55,6 +55,14 @@ import common
 
 DESCRIPTION = __doc__.splitlines()[0]
 PACKAGES = ("asyncsentinel", "fastapi", "starlette", "uvloop", "prometheus-client")
+SOURCE_FILES = (
+    "sources/loop.py",
+    "sources/loop_watchdog.py",
+    "sources/loop_judge.py",
+    "sources/tasks.py",
+    "sources/_task_requests.py",
+)
+"""The asyncsentinel files this suite measures (their digests go into the JSON)."""
 TARGET_IDLE_PCT = 0.5
 ONLY_LOOP_MONITOR = {
     "sqlalchemy": False,
@@ -510,23 +518,6 @@ def task_table(result: dict[str, Any]) -> str:
     )
 
 
-def source_digests() -> dict[str, str]:
-    """SHA-256 (first 16 hex digits) of the asyncsentinel files measured here: the source tree
-    changes while benchmarks run, and the figures belong to one version of these files."""
-    import hashlib
-
-    package = Path(asyncsentinel.__file__).resolve().parent
-    return {
-        name: hashlib.sha256((package / name).read_bytes()).hexdigest()[:16]
-        for name in (
-            "sources/loop.py",
-            "sources/loop_judge.py",
-            "sources/tasks.py",
-            "sources/_task_requests.py",
-        )
-    }
-
-
 def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The suite's own options."""
     parser.add_argument(
@@ -555,7 +546,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "description": DESCRIPTION,
         "machine": common.machine_info(),
         "versions": common.package_versions(PACKAGES),
-        "asyncsentinel_sources_sha256": source_digests(),
+        "asyncsentinel_sources_sha256": common.source_digests(SOURCE_FILES),
         "parameters": {
             "window_seconds": window,
             "cpu_rounds": cpu_rounds,

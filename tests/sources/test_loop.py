@@ -165,14 +165,6 @@ def instrumented(
     )
 
 
-@pytest.fixture
-def sentinels() -> Iterator[list[Sentinel]]:
-    made: list[Sentinel] = []
-    yield made
-    for s in made:
-        s.close()
-
-
 def spans_named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [s for s in exporter.get_finished_spans() if s.name == name]
 

@@ -12,7 +12,7 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -177,14 +177,6 @@ def task_app() -> FastAPI:
         return JSONResponse({"ok": "background"}, background=BackgroundTask(asyncio.sleep, 0.05))
 
     return app
-
-
-@pytest.fixture
-def sentinels() -> Iterator[list[Sentinel]]:
-    made: list[Sentinel] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def instrumented(

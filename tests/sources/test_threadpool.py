@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -47,14 +47,6 @@ def pool_app(gate: threading.Event) -> FastAPI:
         return {"done": len(done)}
 
     return app
-
-
-@pytest.fixture
-def sentinels() -> Iterator[list[Sentinel]]:
-    made: list[Sentinel] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def gauges(registry: CollectorRegistry) -> tuple[float, float, float]:
