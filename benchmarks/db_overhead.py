@@ -168,8 +168,12 @@ class Variant:
 
     def install(self, engine: Engine) -> None:
         """Instrument *engine* (the sync engine; an AsyncEngine's ``sync_engine``)."""
-        if engine.dispatch.before_cursor_execute or engine.dialect.dispatch.do_execute:
-            raise BenchmarkError("an earlier variant left a statement listener behind")
+        if (
+            engine.dispatch.before_cursor_execute
+            or engine.dialect.dispatch.do_execute
+            or hasattr(type(engine.dialect).do_execute, "__wrapped__")
+        ):
+            raise BenchmarkError("an earlier variant left a statement hook behind")
         self._engine = engine
 
     def uninstall(self) -> None:
@@ -974,12 +978,8 @@ def _min_us(fn: Callable[[], Any], calls: int = 20_000, repeats: int = 7) -> flo
     return loop(fn) - loop(lambda: None)
 
 
-# asyncsentinel's statement hooks: the dialect's do_execute events (it runs the statement, timed).
-_STATEMENT_HOOKS = ("do_execute", "do_executemany", "do_execute_no_params")
-
-
 class _StatementListenersOnly(AsyncSentinelVariant):
-    """asyncsentinel with only its statement hooks left in place."""
+    """asyncsentinel with only its statement hooks (the dialect method wrappers) left in place."""
 
     name = "statement listeners only"
 
@@ -990,8 +990,7 @@ class _StatementListenersOnly(AsyncSentinelVariant):
         for attribute, original in source_module._ORIGINALS.items():
             setattr(Engine, attribute, original)  # uninstall() leaves them (ours are gone)
         for target, identifier, fn in self.sentinel.source("sqlalchemy")._listeners:  # type: ignore[union-attr]
-            if identifier not in _STATEMENT_HOOKS:
-                event_remove(target, identifier, fn)
+            event_remove(target, identifier, fn)
 
     def verify(self, expected: Expected) -> dict[str, Any]:
         return {}
@@ -1019,10 +1018,10 @@ class _AllButStatementListeners(AsyncSentinelVariant):
     name = "everything but the statement listeners"
 
     def install(self, engine: Engine) -> None:
+        from asyncsentinel.sources import sqlalchemy_dialects
+
         super().install(engine)
-        for target, identifier, fn in self.sentinel.source("sqlalchemy")._listeners:  # type: ignore[union-attr]
-            if identifier in _STATEMENT_HOOKS:
-                event_remove(target, identifier, fn)
+        sqlalchemy_dialects.leave(self.sentinel.source("sqlalchemy"))  # type: ignore[arg-type]
 
     def verify(self, expected: Expected) -> dict[str, Any]:
         return {}
@@ -1083,10 +1082,11 @@ def _split_in_place(engine: Engine, rounds: int) -> dict[str, dict[str, dict[str
 
 
 # --- what SQLAlchemy itself charges for a hook (--profile, fresh interpreters) -------------------
-EVENT_PROBES = ("none", "connection events", "do_execute hook")
+EVENT_PROBES = ("none", "connection events", "do_execute event", "do_execute wrapper")
 """How a statement can be timed: not at all; two no-op ``before/after_cursor_execute`` listeners
-(what any connection-event based tool installs); a ``do_execute`` listener that runs the
-dialect's ``do_execute`` itself, as asyncsentinel does."""
+(what any connection-event based tool installs); a ``do_execute`` event listener that runs the
+dialect's ``do_execute`` itself, timed (what asyncsentinel did before 2026-11-27); a wrapper of
+the dialect class's ``do_execute`` method, timed, as asyncsentinel does."""
 
 
 def events_probe(mode: str, units: int) -> dict[str, float]:
@@ -1109,13 +1109,26 @@ def events_probe(mode: str, units: int) -> dict[str, float]:
 
         event.listen(Engine, "before_cursor_execute", before, retval=True)
         event.listen(Engine, "after_cursor_execute", after)
-    elif mode == "do_execute hook":
+    elif mode == "do_execute event":
 
         def do_execute(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
+            start = time.perf_counter_ns()
             context.dialect.do_execute(cursor, statement, parameters, context)
+            _discard(time.perf_counter_ns() - start)
             return True
 
         event.listen(Engine, "do_execute", do_execute)
+    elif mode == "do_execute wrapper":
+        dialect_class = type(engine.dialect)
+        original = dialect_class.do_execute
+
+        def wrapper(self: Any, cursor: Any, statement: str, parameters: Any, context: Any) -> Any:
+            start = time.perf_counter_ns()
+            result = original(self, cursor, statement, parameters, context)
+            _discard(time.perf_counter_ns() - start)
+            return result
+
+        dialect_class.do_execute = wrapper  # type: ignore[method-assign]
     scenario = SCENARIOS[0]
     run_sync(engine, Variant(), scenario, 20)
     gc.collect()
@@ -1271,13 +1284,13 @@ def profile(args: argparse.Namespace) -> int:
     variant.install(engine)
     try:
         source: Any = variant.sentinel.source("sqlalchemy")
-        account = getattr(source, "_executed", None)
+        account = getattr(source, "executed", None)
         with engine.connect() as conn:
             result = conn.execute(_STATEMENT, {"item_id": 1})
             text, context = result.context.statement, result.context
             result.all()
             if account is not None:
-                # What the do_execute hook adds around the dialect's own do_execute.
+                # What the do_execute wrapper adds around the dialect's own do_execute.
                 components["statement accounting, outside a request"] = _min_us(
                     lambda: account(context, text, 20_000)
                 )

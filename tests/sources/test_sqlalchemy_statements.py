@@ -1,6 +1,7 @@
-"""How statements are observed: through the dialect's ``do_execute*`` events, on every execution
-path (single, executemany, no parameters, insertmanyvalues), without disturbing the
-application's own ``do_execute`` listeners, and without ever running a statement twice."""
+"""How statements are observed: through the dialect's ``do_execute*`` methods, wrapped, on every
+execution path (single, executemany, no parameters, insertmanyvalues), in dialects that override
+them, without disturbing the application's own ``do_execute`` listeners, and without ever
+running a statement twice."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects import registry as dialects
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.support import sample
@@ -118,7 +121,10 @@ def test_do_execute_listeners_of_the_application_still_run_in_order(
 def test_a_listener_that_executes_the_statement_itself_is_respected(
     engine: Engine, make_sentinel, registry
 ) -> None:
-    """A do_execute listener returning True has executed the statement: nobody runs it again."""
+    """A do_execute listener returning True has executed the statement: nobody runs it again.
+
+    SQLAlchemy then never calls the dialect's method, so asyncsentinel does not see that
+    statement (the documented limit of timing the dialect's methods rather than its events)."""
     make_sentinel()
     executed_by_listener: list[str] = []
 
@@ -136,7 +142,8 @@ def test_a_listener_that_executes_the_statement_itself_is_respected(
     with engine.connect() as conn:
         assert conn.execute(select(_items.c.name)).scalars().all() == ["once"]
     assert len(executed_by_listener) == 1
-    assert _statements(registry, "INSERT") == 1  # still observed, and timed
+    assert _statements(registry, "INSERT") == 0
+    assert _statements(registry, "SELECT") == 1  # the dialect ran this one: observed
 
 
 def test_a_failing_statement_propagates_unchanged_and_is_not_counted(
@@ -148,3 +155,49 @@ def test_a_failing_statement_propagates_unchanged_and_is_not_counted(
     assert _statements(registry, "SELECT") == 0
     errors = "asyncsentinel_instrumentation_errors_total"
     assert sample(registry, errors, component="source.sqlalchemy") == 0
+
+
+class OwnExecutemany(SQLiteDialect_pysqlite):
+    """A dialect with its own ``do_executemany``, as psycopg2's, mysqlclient's and others have."""
+
+    supports_statement_cache = True
+
+    def do_executemany(
+        self, cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> None:
+        cursor.executemany(statement, parameters)
+
+
+dialects.register("sqlite.ownexecutemany", __name__, "OwnExecutemany")
+
+
+def test_a_dialect_that_overrides_a_statement_method_is_observed(
+    tmp_path: Path, make_sentinel, registry
+) -> None:
+    """Its method is wrapped once an engine of it is seen (here at its first checkout: it was
+    created before asyncsentinel), every statement counted once, and restored at the end."""
+    original = OwnExecutemany.__dict__["do_executemany"]
+    engine = create_engine(f"sqlite+ownexecutemany:///{tmp_path / 'own.db'}")
+    sentinel = make_sentinel()
+    try:
+        with engine.begin() as conn:
+            _metadata.create_all(conn)
+            conn.execute(insert(_items), [{"name": f"n{i}"} for i in range(4)])  # executemany
+            assert conn.execute(select(_items.c.id)).all() == [(1,), (2,), (3,), (4,)]
+        assert OwnExecutemany.__dict__["do_executemany"] is not original
+        assert _statements(registry, "INSERT") == 1
+        assert _statements(registry, "SELECT") == 1
+    finally:
+        engine.dispose()
+        sentinel.close()
+    assert OwnExecutemany.__dict__["do_executemany"] is original
+
+
+def test_removing_asyncsentinel_restores_the_dialect_methods(make_sentinel) -> None:
+    from sqlalchemy.engine.default import DefaultDialect
+
+    originals = {n: DefaultDialect.__dict__[n] for n in ("do_execute", "do_execute_no_params")}
+    sentinel = make_sentinel()
+    assert all(DefaultDialect.__dict__[n] is not f for n, f in originals.items())
+    sentinel.close()
+    assert all(DefaultDialect.__dict__[n] is f for n, f in originals.items())

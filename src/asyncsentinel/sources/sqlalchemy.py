@@ -2,11 +2,12 @@
 
 Zero configuration: listeners are registered on the ``Engine`` and ``Pool`` *classes*, so every
 engine is observed — ``AsyncEngine`` (through its ``sync_engine``) and engines created later
-included. Statements are timed by the dialect's ``do_execute``/``do_executemany``/
-``do_execute_no_params`` events (the listener runs the dialect's method itself, timed), not by
-``before/after_cursor_execute``: a single connection-event listener makes SQLAlchemy route every
-connection through its event machinery, which alone costs more than all of asyncsentinel's
-per-statement work (``benchmarks/README.md``). :meth:`SQLAlchemySource.instrument_engine` only
+included. Statements are timed by wrappers of the dialect's ``do_execute``/``do_executemany``/
+``do_execute_no_params`` methods (:mod:`.sqlalchemy_dialects`), not by SQLAlchemy's events:
+a single connection-event listener makes SQLAlchemy route every connection through its event
+machinery, which alone costs more than all of asyncsentinel's per-statement work, and the
+dialect's ``do_execute*`` events cost about 1 µs more per statement than a wrapper
+(``benchmarks/README.md``). :meth:`SQLAlchemySource.instrument_engine` only
 names a pool; the default name is the URL without credentials
 (``postgresql+asyncpg://127.0.0.1:5432/shop``).
 
@@ -16,7 +17,7 @@ metrics (see :mod:`.sqlalchemy_pool`). Findings: ``n_plus_one``, ``slow_query``,
 ``pool_exhausted``, ``sync_db_on_event_loop``, ``engine_created_in_request``,
 ``connection_leaked``, ``pool_not_disposed`` and ``pool_pre_ping`` advice.
 
-Two methods of ``Engine`` are wrapped (``functools.wraps``, originals restored on uninstall):
+Two methods of ``Engine`` are also wrapped (``functools.wraps``, originals restored on uninstall):
 ``__init__`` to see engines being created (SQLAlchemy has no event for it) and
 ``raw_connection`` to time checkouts. Private names relied on, identical in SQLAlchemy 2.0 and
 2.1: ``OptionEngine._proxied`` (an ``engine.execution_options()`` copy's engine), a
@@ -54,7 +55,7 @@ from asyncsentinel.findings import (
     Severity,
 )
 from asyncsentinel.frames import Location, Origin, user_culprit
-from asyncsentinel.sources import Source
+from asyncsentinel.sources import Source, sqlalchemy_dialects
 from asyncsentinel.sources._shared_wrappers import SharedWrappers
 from asyncsentinel.sources.database import DatabaseMonitor
 from asyncsentinel.sources.database_accounting import MAX_NAME_CHARS, REQUEST_KEY, RequestDb
@@ -110,19 +111,6 @@ def _checkout_via(source: SQLAlchemySource, inner: Callable[[Engine], Any], engi
     return source.checkout(engine, inner)
 
 
-def _later_listeners_ran(listeners: Any, own: Callable[..., bool], args: tuple[Any, ...]) -> bool:
-    """Call the do_execute* listeners registered after *own*, in order, until one returns True
-    (it executed the statement itself: then this returns True)."""
-    after_own = False
-    for listener in listeners:
-        if after_own:
-            if listener(*args):
-                return True
-        elif listener == own:
-            after_own = True
-    return False
-
-
 class SQLAlchemySource(Source):
     """Observes every SQLAlchemy engine: statements, pools, and the mistakes around them."""
 
@@ -140,14 +128,7 @@ class SQLAlchemySource(Source):
         self._sync_reported: set[str] = set()
         self._n_plus_one = settings.n_plus_one_threshold
         self._slow_ns = int(settings.slow_query_seconds * 1e9)
-        # Kept as attributes: each is the very object registered, found again in the chain.
-        self._on_do_execute = self._do_execute
-        self._on_do_executemany = self._do_executemany
-        self._on_do_execute_no_params = self._do_execute_no_params
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = [
-            (Engine, "do_execute", self._on_do_execute),
-            (Engine, "do_executemany", self._on_do_executemany),
-            (Engine, "do_execute_no_params", self._on_do_execute_no_params),
             *((Engine, name, fn) for name, fn in self.pools.engine_listeners),
             *self.pools.listeners,
         ]
@@ -160,12 +141,14 @@ class SQLAlchemySource(Source):
         for target, identifier, fn in self._listeners:
             event.listen(target, identifier, fn)
         _ENGINE_WRAPPERS.join(self)
+        sqlalchemy_dialects.join(self)
         self._installed = True
 
     def uninstall(self) -> None:
         if not self._installed:
             return
         self._installed = False
+        sqlalchemy_dialects.leave(self)
         _ENGINE_WRAPPERS.leave(self)
         for target, identifier, fn in self._listeners:
             if event.contains(target, identifier, fn):
@@ -253,6 +236,7 @@ class SQLAlchemySource(Source):
 
         refs[key] = weakref.ref(engine, forget)
         engines[key] = info
+        sqlalchemy_dialects.cover(type(engine.dialect))
         self._advise(engine, info)
         return info
 
@@ -313,58 +297,9 @@ class SQLAlchemySource(Source):
         return self.pools.checkout(engine, original, info)
 
     # --- statements (the hot path: keep it short) ------------------------------------------------
-    # The dialect's do_execute* events, not the connection's before/after_cursor_execute: once
-    # any connection event listener exists, SQLAlchemy runs every connection (connect, begin,
-    # execute, commit, rollback...) through its event machinery, which costs several times
-    # what asyncsentinel's own accounting does (see benchmarks/README.md). A do_execute listener
-    # that returns True has executed the statement itself: these run the dialect's method,
-    # timed, and return True; listeners registered after them are called first, in order, as
-    # SQLAlchemy would have (one that returns True has executed the statement instead).
-    def _do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        if context is None:
-            return False  # no execution context to attribute it to: SQLAlchemy runs it
-        dialect = context.dialect
-        listeners = dialect.dispatch.do_execute
-        try:  # "only ours?" without calling the collection's __len__ (a Python method)
-            alone = len(listeners.parent_listeners) == 1 and not getattr(listeners, "listeners", 0)
-        except AttributeError:  # a SQLAlchemy that stores listeners differently
-            alone = len(listeners) == 1
-        start = _perf_ns()
-        if alone or not _later_listeners_ran(
-            listeners, self._on_do_execute, (cursor, statement, parameters, context)
-        ):
-            dialect.do_execute(cursor, statement, parameters, context)
-        self._executed(context, statement, _perf_ns() - start)
-        return True
-
-    def _do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        if context is None:
-            return False
-        dialect = context.dialect
-        listeners = dialect.dispatch.do_executemany
-        start = _perf_ns()
-        if len(listeners) == 1 or not _later_listeners_ran(
-            listeners, self._on_do_executemany, (cursor, statement, parameters, context)
-        ):
-            dialect.do_executemany(cursor, statement, parameters, context)
-        self._executed(context, statement, _perf_ns() - start)
-        return True
-
-    def _do_execute_no_params(self, cursor: Any, statement: str, context: Any) -> bool:
-        if context is None:
-            return False
-        dialect = context.dialect
-        listeners = dialect.dispatch.do_execute_no_params
-        start = _perf_ns()
-        if len(listeners) == 1 or not _later_listeners_ran(
-            listeners, self._on_do_execute_no_params, (cursor, statement, context)
-        ):
-            dialect.do_execute_no_params(cursor, statement, context)
-        self._executed(context, statement, _perf_ns() - start)
-        return True
-
-    def _executed(self, context: Any, statement: str, elapsed: int) -> None:
-        """Account one statement that ran successfully in *elapsed* nanoseconds."""
+    def executed(self, context: Any, statement: str, elapsed: int) -> None:
+        """Account one statement that ran successfully in *elapsed* nanoseconds (called by the
+        dialect wrappers of :mod:`.sqlalchemy_dialects`)."""
         try:
             connection = context.root_connection
             if connection.__dict__.get("_has_events") is False:

@@ -1,0 +1,155 @@
+"""Statement timing: the dialect's ``do_execute``, ``do_executemany`` and
+``do_execute_no_params`` methods, wrapped at class level.
+
+Every statement SQLAlchemy runs (single, executemany, without parameters, each insertmanyvalues
+batch) ends in one of these three methods of the engine's dialect. Wrapping them where they are
+defined — ``DefaultDialect`` for all of SQLAlchemy's own dialects, plus any dialect class that
+overrides one (psycopg2's ``do_executemany``) once an engine of it is seen — times each statement
+for one extra Python call. SQLAlchemy's ``do_execute*`` *events* would do the same through its
+event dispatch, which costs about 1 µs more per statement (``benchmarks/README.md``); connection
+events (``before/after_cursor_execute``) cost about 9 µs, because any connection listener makes
+SQLAlchemy run every connect, begin and commit through its event machinery.
+
+What a wrapper cannot see: a statement that an application's own ``do_execute*`` event listener
+executed itself (it returned True, so SQLAlchemy never called the dialect's method), and
+statements of a dialect class that overrides one of the methods, run on a connection checked out
+before asyncsentinel saw any engine of that class.
+
+The wrappers are shared by every installed source (:data:`ACTIVE`) and restored when the last one
+leaves; a wrapper found in place without sources (something wrapped it after us) passes through.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from sqlalchemy.engine.default import DefaultDialect
+
+from asyncsentinel.sources._shared_wrappers import SharedWrappers
+
+STATEMENT_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
+"""The dialect methods every statement goes through."""
+
+_perf_ns = time.perf_counter_ns
+_MARKER = "__asyncsentinel_statement_hook__"
+
+
+class StatementObserver(Protocol):
+    """What a wrapper tells: a statement that ran successfully, and for how long."""
+
+    def executed(self, context: Any, statement: str, elapsed_ns: int) -> None: ...
+
+
+ACTIVE: list[StatementObserver] = []
+"""The installed observers; read by every wrapper on every statement (changed in place)."""
+
+
+def _tell(context: Any, statement: str, elapsed_ns: int) -> None:
+    for observer in ACTIVE:
+        observer.executed(context, statement, elapsed_ns)
+
+
+# Three wrappers of the same shape, written out: the signatures differ and a generic wrapper
+# would cost an argument tuple per statement.
+def _wrap_do_execute(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def do_execute(
+        self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> Any:
+        if not ACTIVE or context is None:
+            return original(self, cursor, statement, parameters, context)
+        start = _perf_ns()
+        result = original(self, cursor, statement, parameters, context)
+        _tell(context, statement, _perf_ns() - start)
+        return result
+
+    setattr(do_execute, _MARKER, True)
+    return do_execute
+
+
+def _wrap_do_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def do_executemany(
+        self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None
+    ) -> Any:
+        if not ACTIVE or context is None:
+            return original(self, cursor, statement, parameters, context)
+        start = _perf_ns()
+        result = original(self, cursor, statement, parameters, context)
+        _tell(context, statement, _perf_ns() - start)
+        return result
+
+    setattr(do_executemany, _MARKER, True)
+    return do_executemany
+
+
+def _wrap_do_execute_no_params(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def do_execute_no_params(self: Any, cursor: Any, statement: str, context: Any = None) -> Any:
+        if not ACTIVE or context is None:
+            return original(self, cursor, statement, context)
+        start = _perf_ns()
+        result = original(self, cursor, statement, context)
+        _tell(context, statement, _perf_ns() - start)
+        return result
+
+    setattr(do_execute_no_params, _MARKER, True)
+    return do_execute_no_params
+
+
+_FACTORIES: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "do_execute": _wrap_do_execute,
+    "do_executemany": _wrap_do_executemany,
+    "do_execute_no_params": _wrap_do_execute_no_params,
+}
+_lock = threading.Lock()
+# (defining class, method name) -> its wrapper, while in place.
+_wrapped: dict[tuple[type[Any], str], SharedWrappers[object]] = {}
+_IN_PLACE = object()  # the one "source" of every SharedWrappers here: ACTIVE tells who listens
+
+
+def join(observer: StatementObserver) -> None:
+    """Start telling *observer* about statements (the first one wraps ``DefaultDialect``)."""
+    with _lock:
+        if observer in ACTIVE:
+            return
+        ACTIVE.append(observer)
+        _cover(DefaultDialect)
+
+
+def leave(observer: StatementObserver) -> None:
+    """Stop telling *observer*; the last one to leave restores every wrapped method."""
+    with _lock:
+        if observer not in ACTIVE:
+            return
+        ACTIVE.remove(observer)
+        if not ACTIVE:
+            for wrappers in _wrapped.values():
+                wrappers.leave(_IN_PLACE)
+            _wrapped.clear()
+
+
+def cover(dialect_class: type[Any]) -> None:
+    """Make sure the statements of *dialect_class* are seen (an engine of it was found)."""
+    if all(getattr(getattr(dialect_class, n, None), _MARKER, False) for n in STATEMENT_METHODS):
+        return  # the usual case: nothing overridden, DefaultDialect's wrappers apply
+    with _lock:
+        if ACTIVE:
+            _cover(dialect_class)
+
+
+def _cover(dialect_class: type[Any]) -> None:
+    """Wrap each statement method where *dialect_class* finds it, unless already ours."""
+    for name in STATEMENT_METHODS:
+        found = getattr(dialect_class, name, None)
+        if found is None or getattr(found, _MARKER, False):
+            continue
+        owner = next((k for k in dialect_class.__mro__ if name in k.__dict__), None)
+        if owner is None:
+            continue
+        wrappers = _wrapped[owner, name] = SharedWrappers(owner, {name: _FACTORIES[name]})
+        wrappers.join(_IN_PLACE)
