@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from asyncsentinel.context import RequestState, current_request
 from asyncsentinel.frames import Location
@@ -192,8 +192,7 @@ class RequestSink(Protocol):
     def request_finished(self, state: RequestState) -> None: ...
 
 
-P = ParamSpec("P")
-R = TypeVar("R")
+_MAX_BOUND_RECORDERS = 4096  # label sets whose bound recorder Dispatcher.record keeps
 
 
 class Dispatcher:
@@ -206,6 +205,7 @@ class Dispatcher:
         self._ignore = frozenset(ignore_kinds)
         self._logged_components: set[str] = set()
         self._lock = threading.Lock()
+        self._bound: dict[tuple[str, tuple[str, ...]], Callable[[float], None]] = {}
 
     def emit(self, finding: Finding) -> None:
         """Count the finding and hand it to every finding sink (unless its kind is ignored)."""
@@ -219,12 +219,19 @@ class Dispatcher:
                 self.report_error(f"sink.{type(sink).__name__}", exc)
 
     def record(self, instrument: Instrument, value: float, labels: tuple[str, ...] = ()) -> None:
-        """Counter increment, histogram sample or gauge delta, by the instrument's kind."""
-        for sink in self._measurement_sinks:
-            try:
-                sink.record(instrument, value, labels)
-            except Exception as exc:
-                self.report_error(f"sink.{type(sink).__name__}", exc)
+        """Counter increment, histogram sample or gauge delta, by the instrument's kind.
+
+        Through a :meth:`recorder` bound on first use and kept (bounded): the request path
+        records three times per request, and a bound recorder skips every lookup.
+        """
+        key = (instrument.name, labels)
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self.recorder(instrument, labels)
+            if len(self._bound) >= _MAX_BOUND_RECORDERS:
+                self._bound.clear()
+            self._bound[key] = bound
+        bound(value)
 
     def recorder(
         self, instrument: Instrument, labels: tuple[str, ...] = ()
@@ -299,19 +306,3 @@ class Dispatcher:
                 sink.record(INSTRUMENTATION_ERRORS, 1, (component,))
         except Exception:
             pass
-
-    def guarded(self, component: str) -> Callable[[Callable[P, R]], Callable[P, R | None]]:
-        """Decorator: run the function, containing any exception as an error of *component*."""
-
-        def decorate(fn: Callable[P, R]) -> Callable[P, R | None]:
-            @functools.wraps(fn)
-            def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
-                try:
-                    return fn(*args, **kwargs)
-                except Exception as exc:
-                    self.report_error(component, exc)
-                    return None
-
-            return wrapper
-
-        return decorate

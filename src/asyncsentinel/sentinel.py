@@ -99,14 +99,15 @@ class Sentinel:
         return next((s for s in self.sources if s.name == name), None)
 
     def _refresh_hooks(self) -> None:
-        guard = self.dispatcher.guarded
+        # (component, hook) of the sources that have one: each call is contained on its own,
+        # inline in the request path rather than through a wrapper per call.
         self._on_request_started = [
-            guard(f"source.{s.name}")(s.request_started)
+            (f"source.{s.name}", s.request_started)
             for s in self.sources
             if type(s).request_started is not Source.request_started
         ]
         self._on_request_finished = [
-            guard(f"source.{s.name}")(s.request_finished)
+            (f"source.{s.name}", s.request_finished)
             for s in self.sources
             if type(s).request_finished is not Source.request_finished
         ]
@@ -165,8 +166,11 @@ class Sentinel:
             else:
                 state.span = current_span()
             self.dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, 1, (method,))
-            for hook in self._on_request_started:
-                hook(state)
+            for component, hook in self._on_request_started:
+                try:
+                    hook(state)
+                except Exception as exc:
+                    self.dispatcher.report_error(component, exc)
             return state
         except Exception as exc:
             self.dispatcher.report_error("middleware", exc)
@@ -186,8 +190,11 @@ class Sentinel:
                 (state.method, state.route, status),
             )
             self.dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, -1, (state.method,))
-            for hook in self._on_request_finished:
-                hook(state)
+            for component, hook in self._on_request_finished:
+                try:
+                    hook(state)
+                except Exception as exc:
+                    self.dispatcher.report_error(component, exc)
             self.dispatcher.request_finished(state)
         except Exception as exc:
             self.dispatcher.report_error("middleware", exc)
