@@ -48,13 +48,8 @@ ACTIVE: list[StatementObserver] = []
 """The installed observers; read by every wrapper on every statement (changed in place)."""
 
 
-def _tell(context: Any, statement: str, elapsed_ns: int) -> None:
-    for observer in ACTIVE:
-        observer.executed(context, statement, elapsed_ns)
-
-
-# Three wrappers of the same shape, written out: the signatures differ and a generic wrapper
-# would cost an argument tuple per statement.
+# Three wrappers of the same shape, written out: the signatures differ, and a generic wrapper
+# (or a helper call to tell the observers) would cost another call per statement.
 def _wrap_do_execute(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def do_execute(
@@ -64,7 +59,9 @@ def _wrap_do_execute(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, cursor, statement, parameters, context)
         start = _perf_ns()
         result = original(self, cursor, statement, parameters, context)
-        _tell(context, statement, _perf_ns() - start)
+        elapsed = _perf_ns() - start
+        for observer in ACTIVE:
+            observer.executed(context, statement, elapsed)
         return result
 
     setattr(do_execute, _MARKER, True)
@@ -80,7 +77,9 @@ def _wrap_do_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
             return original(self, cursor, statement, parameters, context)
         start = _perf_ns()
         result = original(self, cursor, statement, parameters, context)
-        _tell(context, statement, _perf_ns() - start)
+        elapsed = _perf_ns() - start
+        for observer in ACTIVE:
+            observer.executed(context, statement, elapsed)
         return result
 
     setattr(do_executemany, _MARKER, True)
@@ -94,7 +93,9 @@ def _wrap_do_execute_no_params(original: Callable[..., Any]) -> Callable[..., An
             return original(self, cursor, statement, context)
         start = _perf_ns()
         result = original(self, cursor, statement, context)
-        _tell(context, statement, _perf_ns() - start)
+        elapsed = _perf_ns() - start
+        for observer in ACTIVE:
+            observer.executed(context, statement, elapsed)
         return result
 
     setattr(do_execute_no_params, _MARKER, True)
