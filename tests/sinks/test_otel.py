@@ -11,10 +11,10 @@ from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import NoOpTracerProvider, SpanKind, StatusCode
+from opentelemetry.trace import NoOpTracer, NoOpTracerProvider, SpanKind, StatusCode
 
 from asyncsentinel import Sentinel, SentinelMiddleware
-from asyncsentinel.findings import SLOW_QUERY, Finding
+from asyncsentinel.findings import EVENT_LOOP_BLOCKED, SLOW_QUERY, Finding
 from asyncsentinel.frames import current_stack, user_culprit
 from asyncsentinel.sinks import otel
 
@@ -188,3 +188,22 @@ def test_with_tracing_off_no_attributes_or_stack_text_are_built(
     assert attributes["code.line.number"] == finding.culprit.lineno  # type: ignore[union-attr]
     assert "test_otel.py" in str(attributes["code.stacktrace"])
     assert span.events[0].name == "asyncsentinel.slow_query"
+
+
+def test_with_no_tracer_provider_no_span_is_started_for_a_finding() -> None:
+    """The no-op tracer (nothing configured) would start a span that records nothing; the sink
+    starts none. A tracer that can record gets one span per finding (previous test)."""
+    started: list[str] = []
+
+    class WatchedNoOpTracer(NoOpTracer):
+        def start_span(self, name: str, *args: Any, **kwargs: Any) -> Any:
+            started.append(name)
+            return super().start_span(name, *args, **kwargs)
+
+    finding = Finding.create(SLOW_QUERY, "slow", request=None)
+    otel.OpenTelemetrySink(WatchedNoOpTracer()).emit(finding)
+    blocked = Finding.create(
+        EVENT_LOOP_BLOCKED, "blocked", evidence={"started_at": 1.0, "ended_at": 2.0}, request=None
+    )
+    otel.OpenTelemetrySink(WatchedNoOpTracer()).emit(blocked)
+    assert started == []

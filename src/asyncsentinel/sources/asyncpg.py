@@ -352,7 +352,9 @@ class AsyncpgSource(Source):
                 monitor = self.monitor
                 db = monitor.request(request)
                 if db is not None and db.add(shape, elapsed_ns) == self._n_plus_one:
-                    monitor.flag_n_plus_one(db, shape, _origins_here(), self._evidence(entry))
+                    where = user_origin(sys._getframe(1))
+                    evidence = self._evidence(entry)
+                    monitor.flag_n_plus_one(request, db, shape, where, _origins_here, evidence)
             if elapsed_ns >= self._slow_ns:
                 self.monitor.slow_query(
                     shape, elapsed_ns / 1e9, _stack_here(), self._evidence(entry)

@@ -280,9 +280,8 @@ class RequestDb:
         self.count = 0
         self.duration_ns = 0
         self.shapes: dict[str, int] = {}
-        self.flagged: dict[str, tuple[list[Origin], dict[str, EvidenceValue]]] | None = None
-        """Shapes that reached the N+1 threshold: stack at that moment (origins, innermost
-        first; made locations when reported) and evidence."""
+        self.flagged: dict[str, tuple[tuple[Location, ...], dict[str, EvidenceValue]]] | None = None
+        """Shapes that reached the N+1 threshold: the stack at that moment, and evidence."""
         self.checkouts: list[Checkout] | None = None
         """Connections checked out during the request (at most ``MAX_CHECKOUTS_PER_REQUEST``)."""
         self.reported: set[str] | None = None

@@ -54,7 +54,7 @@ from asyncsentinel.findings import (
     Finding,
     Severity,
 )
-from asyncsentinel.frames import Location, Origin, user_culprit
+from asyncsentinel.frames import Location, user_culprit
 from asyncsentinel.sources import Source, sqlalchemy_dialects
 from asyncsentinel.sources._shared_wrappers import SharedWrappers
 from asyncsentinel.sources.database import DatabaseMonitor
@@ -123,8 +123,6 @@ class SQLAlchemySource(Source):
         self._engines: dict[int, EngineInfo] = {}
         self._engine_refs: dict[int, weakref.ref[Engine]] = {}
         self._advised: set[str] = set()
-        # (route, shape, innermost user frame) -> the stack of the first N+1 seen there.
-        self._n_plus_one_stacks: dict[tuple[str, str, Origin | None], list[Origin]] = {}
         self._sync_reported: set[str] = set()
         self._n_plus_one = settings.n_plus_one_threshold
         self._slow_ns = int(settings.slow_query_seconds * 1e9)
@@ -322,31 +320,15 @@ class SQLAlchemySource(Source):
                 if db is None or db.owner is not monitor:
                     db = monitor.request(request)
                 if db is not None and db.add(shape, elapsed) == self._n_plus_one:
-                    stack = self._n_plus_one_stack(request, shape)
-                    monitor.flag_n_plus_one(db, shape, stack, self._evidence(info))
+                    where = origin_here(skip=1)
+                    evidence = self._evidence(info)
+                    monitor.flag_n_plus_one(request, db, shape, where, origins_here, evidence)
             if elapsed >= self._slow_ns:
                 self.monitor.slow_query(shape, elapsed / 1e9, stack_here(), self._evidence(info))
             if not info.is_async and _running_loop() is not None:
                 self._sync_on_loop(context, info, shape, elapsed, request)
         except Exception as exc:
             self.dispatcher.report_error("source.sqlalchemy", exc)
-
-    def _n_plus_one_stack(self, request: RequestState, shape: str) -> list[Origin]:
-        """The stack of a statement that reached the N+1 threshold (origins, innermost first).
-
-        Every request of an endpoint with an N+1 reaches the threshold at the same line, by the
-        same path: the whole stack (~9 µs for 40 frames, each ``f_back`` makes a frame object)
-        is walked the first time only, later requests walk to the innermost user frame (which
-        tells the place apart) and reuse it. Bounded; cleared when full.
-        """
-        key = (request.route, shape, origin_here(skip=2))
-        stack = self._n_plus_one_stacks.get(key)
-        if stack is None:
-            stack = origins_here(skip=2)
-            if len(self._n_plus_one_stacks) >= _MAX_REMEMBERED:
-                self._n_plus_one_stacks.clear()
-            self._n_plus_one_stacks[key] = stack
-        return stack
 
     @staticmethod
     def _evidence(info: EngineInfo) -> dict[str, EvidenceValue]:
