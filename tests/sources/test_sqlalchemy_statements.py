@@ -196,7 +196,8 @@ def test_a_dialect_that_overrides_a_statement_method_is_observed(
 def test_removing_asyncsentinel_restores_the_dialect_methods(make_sentinel) -> None:
     from sqlalchemy.engine.default import DefaultDialect
 
-    originals = {n: DefaultDialect.__dict__[n] for n in ("do_execute", "do_execute_no_params")}
+    names = ("do_execute", "do_executemany", "do_execute_no_params", "connect")
+    originals = {n: DefaultDialect.__dict__[n] for n in names}
     sentinel = make_sentinel()
     assert all(DefaultDialect.__dict__[n] is not f for n, f in originals.items())
     sentinel.close()

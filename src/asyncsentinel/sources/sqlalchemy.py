@@ -58,7 +58,12 @@ from asyncsentinel.frames import Location, user_culprit
 from asyncsentinel.sources import Source, sqlalchemy_dialects
 from asyncsentinel.sources._shared_wrappers import SharedWrappers
 from asyncsentinel.sources.database import DatabaseMonitor
-from asyncsentinel.sources.database_accounting import MAX_NAME_CHARS, REQUEST_KEY, RequestDb
+from asyncsentinel.sources.database_accounting import (
+    MAX_NAME_CHARS,
+    MAX_SHAPES_PER_REQUEST,
+    REQUEST_KEY,
+    RequestDb,
+)
 from asyncsentinel.sources.sqlalchemy_engines import EngineInfo, engine_info
 from asyncsentinel.sources.sqlalchemy_pool import PoolTracker
 from asyncsentinel.sources.sqlalchemy_stacks import (
@@ -126,10 +131,7 @@ class SQLAlchemySource(Source):
         self._sync_reported: set[str] = set()
         self._n_plus_one = settings.n_plus_one_threshold
         self._slow_ns = int(settings.slow_query_seconds * 1e9)
-        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = [
-            *((Engine, name, fn) for name, fn in self.pools.engine_listeners),
-            *self.pools.listeners,
-        ]
+        self._listeners: list[tuple[Any, str, Callable[..., Any]]] = list(self.pools.listeners)
         self._installed = False
 
     # --- life cycle ------------------------------------------------------------------------------
@@ -295,6 +297,13 @@ class SQLAlchemySource(Source):
         return self.pools.checkout(engine, original, info)
 
     # --- statements (the hot path: keep it short) ------------------------------------------------
+    def connected(self, connection: Any, elapsed_ns: int) -> None:
+        """A dialect opened a DBAPI connection (called by :mod:`.sqlalchemy_dialects`)."""
+        try:
+            self.pools.connected(connection, elapsed_ns)
+        except Exception as exc:
+            self.dispatcher.report_error("source.sqlalchemy.pool", exc)
+
     def executed(self, context: Any, statement: str, elapsed: int) -> None:
         """Account one statement that ran successfully in *elapsed* nanoseconds (called by the
         dialect wrappers of :mod:`.sqlalchemy_dialects`)."""
@@ -319,16 +328,28 @@ class SQLAlchemySource(Source):
                 db = request.extras.get(REQUEST_KEY)
                 if db is None or db.owner is not monitor:
                     db = monitor.request(request)
-                if db is not None and db.add(shape, elapsed) == self._n_plus_one:
-                    where = origin_here(skip=1)
-                    evidence = self._evidence(info)
-                    monitor.flag_n_plus_one(request, db, shape, where, origins_here, evidence)
+                # RequestDb.add, written out (a call less per statement).
+                if db is not None:
+                    db.count += 1
+                    db.duration_ns += elapsed
+                    shapes = db.shapes
+                    seen = shapes.get(shape, 0) + 1
+                    if seen > 1 or len(shapes) < MAX_SHAPES_PER_REQUEST:
+                        shapes[shape] = seen
+                        if seen == self._n_plus_one:
+                            self._flag_n_plus_one(request, db, shape, info)
             if elapsed >= self._slow_ns:
                 self.monitor.slow_query(shape, elapsed / 1e9, stack_here(), self._evidence(info))
             if not info.is_async and _running_loop() is not None:
                 self._sync_on_loop(context, info, shape, elapsed, request)
         except Exception as exc:
             self.dispatcher.report_error("source.sqlalchemy", exc)
+
+    def _flag_n_plus_one(
+        self, request: RequestState, db: RequestDb, shape: str, info: EngineInfo
+    ) -> None:
+        where = origin_here(skip=2)  # the innermost user frame: this, executed(), the wrapper
+        self.monitor.flag_n_plus_one(request, db, shape, where, origins_here, self._evidence(info))
 
     @staticmethod
     def _evidence(info: EngineInfo) -> dict[str, EvidenceValue]:

@@ -1,5 +1,5 @@
-"""Statement timing: the dialect's ``do_execute``, ``do_executemany`` and
-``do_execute_no_params`` methods, wrapped at class level.
+"""Statement and connection timing: the dialect's ``do_execute``, ``do_executemany``,
+``do_execute_no_params`` and ``connect`` methods, wrapped at class level.
 
 Every statement SQLAlchemy runs (single, executemany, without parameters, each insertmanyvalues
 batch) ends in one of these three methods of the engine's dialect. Wrapping them where they are
@@ -8,12 +8,16 @@ overrides one (psycopg2's ``do_executemany``) once an engine of it is seen — t
 for one extra Python call. SQLAlchemy's ``do_execute*`` *events* would do the same through its
 event dispatch, which costs about 1 µs more per statement (``benchmarks/README.md``); connection
 events (``before/after_cursor_execute``) cost about 9 µs, because any connection listener makes
-SQLAlchemy run every connect, begin and commit through its event machinery.
+SQLAlchemy run every connect, begin and commit through its event machinery. ``connect`` (a new
+DBAPI connection) is wrapped rather than listened to (``do_connect``) for the same reason: one
+dialect event listener of any kind makes SQLAlchemy consult the dialect's event lists on every
+statement (~0.5 µs).
 
 What a wrapper cannot see: a statement that an application's own ``do_execute*`` event listener
-executed itself (it returned True, so SQLAlchemy never called the dialect's method), and
-statements of a dialect class that overrides one of the methods, run on a connection checked out
-before asyncsentinel saw any engine of that class.
+executed itself (it returned True, so SQLAlchemy never called the dialect's method), a
+connection that a ``do_connect`` listener made, and the statements of a dialect class that
+overrides one of the methods, run on a connection checked out before asyncsentinel saw any
+engine of that class.
 
 The wrappers are shared by every installed source (:data:`ACTIVE`) and restored when the last one
 leaves; a wrapper found in place without sources (something wrapped it after us) passes through.
@@ -31,20 +35,23 @@ from sqlalchemy.engine.default import DefaultDialect
 
 from asyncsentinel.sources._shared_wrappers import SharedWrappers
 
-STATEMENT_METHODS = ("do_execute", "do_executemany", "do_execute_no_params")
-"""The dialect methods every statement goes through."""
+WRAPPED_METHODS = ("do_execute", "do_executemany", "do_execute_no_params", "connect")
+"""The dialect methods every statement, or every new connection, goes through."""
 
 _perf_ns = time.perf_counter_ns
 _MARKER = "__asyncsentinel_statement_hook__"
 
 
-class StatementObserver(Protocol):
-    """What a wrapper tells: a statement that ran successfully, and for how long."""
+class DialectObserver(Protocol):
+    """What the wrappers tell: a statement that ran successfully, a connection that was opened,
+    and how long each took."""
 
     def executed(self, context: Any, statement: str, elapsed_ns: int) -> None: ...
 
+    def connected(self, connection: Any, elapsed_ns: int) -> None: ...
 
-ACTIVE: list[StatementObserver] = []
+
+ACTIVE: list[DialectObserver] = []
 """The installed observers; read by every wrapper on every statement (changed in place)."""
 
 
@@ -102,10 +109,27 @@ def _wrap_do_execute_no_params(original: Callable[..., Any]) -> Callable[..., An
     return do_execute_no_params
 
 
+def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def connect(self: Any, *cargs: Any, **cparams: Any) -> Any:
+        if not ACTIVE:
+            return original(self, *cargs, **cparams)
+        start = _perf_ns()
+        connection = original(self, *cargs, **cparams)
+        elapsed = _perf_ns() - start
+        for observer in ACTIVE:
+            observer.connected(connection, elapsed)
+        return connection
+
+    setattr(connect, _MARKER, True)
+    return connect
+
+
 _FACTORIES: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
     "do_execute": _wrap_do_execute,
     "do_executemany": _wrap_do_executemany,
     "do_execute_no_params": _wrap_do_execute_no_params,
+    "connect": _wrap_connect,
 }
 _lock = threading.Lock()
 # (defining class, method name) -> its wrapper, while in place.
@@ -113,8 +137,9 @@ _wrapped: dict[tuple[type[Any], str], SharedWrappers[object]] = {}
 _IN_PLACE = object()  # the one "source" of every SharedWrappers here: ACTIVE tells who listens
 
 
-def join(observer: StatementObserver) -> None:
-    """Start telling *observer* about statements (the first one wraps ``DefaultDialect``)."""
+def join(observer: DialectObserver) -> None:
+    """Start telling *observer* about statements and connections (the first observer wraps
+    ``DefaultDialect``)."""
     with _lock:
         if observer in ACTIVE:
             return
@@ -122,7 +147,7 @@ def join(observer: StatementObserver) -> None:
         _cover(DefaultDialect)
 
 
-def leave(observer: StatementObserver) -> None:
+def leave(observer: DialectObserver) -> None:
     """Stop telling *observer*; the last one to leave restores every wrapped method."""
     with _lock:
         if observer not in ACTIVE:
@@ -135,8 +160,9 @@ def leave(observer: StatementObserver) -> None:
 
 
 def cover(dialect_class: type[Any]) -> None:
-    """Make sure the statements of *dialect_class* are seen (an engine of it was found)."""
-    if all(getattr(getattr(dialect_class, n, None), _MARKER, False) for n in STATEMENT_METHODS):
+    """Make sure the statements and connections of *dialect_class* are seen (an engine of it
+    was found)."""
+    if all(getattr(getattr(dialect_class, n, None), _MARKER, False) for n in WRAPPED_METHODS):
         return  # the usual case: nothing overridden, DefaultDialect's wrappers apply
     with _lock:
         if ACTIVE:
@@ -144,8 +170,8 @@ def cover(dialect_class: type[Any]) -> None:
 
 
 def _cover(dialect_class: type[Any]) -> None:
-    """Wrap each statement method where *dialect_class* finds it, unless already ours."""
-    for name in STATEMENT_METHODS:
+    """Wrap each method where *dialect_class* finds it, unless already ours."""
+    for name in WRAPPED_METHODS:
         found = getattr(dialect_class, name, None)
         if found is None or getattr(found, _MARKER, False):
             continue

@@ -11,7 +11,8 @@ How pool accounting is wired (all of it removed again by :meth:`SQLAlchemySource
   see ``QueuePool limit ... reached``: the pool's ``checkout`` event fires after the wait and
   does not say which pool it belongs to.
 * Class-level pool events (``checkin``, ``close``, ``detach``, ``connect``) and the dialect's
-  ``do_connect`` event do the rest. They find the pool's bookkeeping in
+  ``connect`` method, wrapped (:mod:`.sqlalchemy_dialects` calls :meth:`PoolTracker.connected`),
+  do the rest. They find the pool's bookkeeping in
   ``connection_record.info`` — the dictionary SQLAlchemy keeps per DBAPI connection for event
   handlers — under a key private to the tracker.
 
@@ -40,6 +41,7 @@ from asyncsentinel.sources.sqlalchemy_stacks import origin_here, stack_here
 
 _perf_ns = time.perf_counter_ns
 _tracker_ids = itertools.count(1)
+_MAX_PENDING_CONNECTS = 256  # connections opened whose pool connect event has not run yet
 
 
 def _noop_weakref_callback(_ref: weakref.ref[Any]) -> None:
@@ -99,7 +101,6 @@ class PoolTracker:
         # connection checked out under one Sentinel is never accounted by another.
         number = next(_tracker_ids)
         self._key = f"asyncsentinel.{number}.record"
-        self._connect_started_key = f"asyncsentinel.{number}.connect_started"
         self._created_key = f"asyncsentinel.{number}.create_ns"
         self.listeners: tuple[tuple[type[Any], str, Callable[..., Any]], ...] = (
             (Pool, "checkin", self._on_checkin),
@@ -108,10 +109,9 @@ class PoolTracker:
             (Pool, "connect", self._on_connect),
         )
         """(target, event, function) for ``event.listen`` / ``event.remove``."""
-        self.engine_listeners: tuple[tuple[str, Callable[..., Any]], ...] = (
-            ("do_connect", self._on_do_connect),
-        )
-        """Dialect events, listened to through the ``Engine`` class."""
+        # id(new DBAPI connection) -> (it, nanoseconds to open it), until its pool's connect
+        # event files the time with its connection record. Bounded; cleared when full.
+        self._connect_times: dict[int, tuple[Any, int]] = {}
 
     # --- pools -----------------------------------------------------------------------------------
     def stats_for(self, pool: Pool, info: EngineInfo) -> PoolStats | None:
@@ -274,19 +274,19 @@ class PoolTracker:
         except Exception as exc:
             self._dispatcher.report_error("source.sqlalchemy.pool", exc)
 
-    def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-        try:
-            if record is not None:
-                record.info[self._connect_started_key] = _perf_ns()
-        except Exception as exc:
-            self._dispatcher.report_error("source.sqlalchemy.pool", exc)
+    def connected(self, dbapi_connection: Any, elapsed_ns: int) -> None:
+        """A dialect opened *dbapi_connection* in *elapsed_ns* (its pool's connect event
+        follows, in the same thread, with the connection record)."""
+        times = self._connect_times
+        if len(times) >= _MAX_PENDING_CONNECTS:
+            times.clear()
+        times[id(dbapi_connection)] = (dbapi_connection, elapsed_ns)
 
     def _on_connect(self, dbapi_connection: Any, record: Any) -> None:
         try:
-            info = record.info
-            started = info.pop(self._connect_started_key, 0)
-            if started:
+            known = self._connect_times.pop(id(dbapi_connection), None)
+            if known is not None and known[0] is dbapi_connection:
                 # Read by the checkout that asked for this connection, which knows the pool.
-                info[self._created_key] = _perf_ns() - started
+                record.info[self._created_key] = known[1]
         except Exception as exc:
             self._dispatcher.report_error("source.sqlalchemy.pool", exc)
