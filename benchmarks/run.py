@@ -43,6 +43,17 @@ def _db(args: argparse.Namespace) -> None:
     db_overhead.main(argv)
 
 
+def _db_instructions(args: argparse.Namespace) -> None:
+    import db_instructions
+
+    argv = ["--quick"] if args.quick else []
+    if args.postgres:
+        argv += ["--postgres", args.postgres]
+    if args.results_dir:
+        argv += ["--results-dir", args.results_dir]
+    db_instructions.main(argv)
+
+
 def _loop(args: argparse.Namespace) -> None:
     import loop_detection
 
@@ -58,6 +69,10 @@ def _loop_overhead(args: argparse.Namespace) -> None:
 SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "request": (request_overhead.DESCRIPTION, request_overhead.run),
     "db": ("Per-statement cost of the SQLAlchemy listeners, next to OpenTelemetry's.", _db),
+    "db-instructions": (
+        "Instructions added per SQL statement and per request, counted by callgrind.",
+        _db_instructions,
+    ),
     "sessions": (
         "Cost of the SQLAlchemy session detectors per session and per AsyncSession operation.",
         _sessions,
