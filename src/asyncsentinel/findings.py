@@ -280,6 +280,35 @@ class Dispatcher:
             except Exception as exc:
                 self.report_error(f"sink.{type(sink).__name__}", exc)
 
+    def level(
+        self,
+        instrument: Instrument,
+        labels: tuple[str, ...],
+        read: Callable[[], float | None],
+    ) -> Callable[[], None] | None:
+        """Have every measurement sink read a gauge's level from *read* when it reports
+        (``None`` from *read*: its owner is gone). Returns the function that stops it, or
+        ``None`` if any sink cannot (then record the level's changes with :meth:`record`)."""
+        removers: list[Callable[[], None]] = []
+        for sink in self._measurement_sinks:
+            register = getattr(sink, "level", None)
+            try:
+                remove = register(instrument, labels, read) if register is not None else None
+            except Exception as exc:
+                self.report_error(f"sink.{type(sink).__name__}", exc)
+                remove = None
+            if remove is None:
+                for undo in removers:
+                    undo()
+                return None
+            removers.append(remove)
+
+        def remove_all() -> None:
+            for undo in removers:
+                undo()
+
+        return remove_all
+
     def request_finished(self, state: RequestState) -> None:
         for sink in self._request_sinks:
             try:

@@ -27,6 +27,7 @@ from asyncsentinel.instruments import (
     FINDINGS,
     REQUEST_DB_QUERIES,
 )
+from asyncsentinel.sources.database_accounting import PoolStats
 from tests.support import sample
 
 LABELS = ("sqlite", "SELECT", "sqlite://")
@@ -136,6 +137,43 @@ def _pool_labels(state: str | None = None) -> dict[str, str]:
     return labels
 
 
+def _levels(registry: CollectorRegistry, pool: str) -> tuple[float | None, ...]:
+    labels = {"db_client_connection_pool_name": pool}
+    return (
+        sample(registry, "db_client_connection_count", db_client_connection_state="used", **labels),
+        sample(registry, "db_client_connection_count", db_client_connection_state="idle", **labels),
+        sample(registry, "db_client_connection_pending_requests", **labels),
+    )
+
+
+def test_pool_levels_are_read_when_scraped_and_follow_renames_and_pools(
+    make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
+) -> None:
+    """In-process, a pool's used/idle/pending levels are counters read at every scrape (no
+    gauge update per checkout); pools of one name add up; a renamed pool takes its levels
+    along; a pool that is gone no longer counts."""
+    dispatcher = make_sentinel(loop_monitor=False, sqlalchemy=False).dispatcher
+    first = PoolStats(dispatcher, "pool", 5)
+    first.wait_started()
+    first.checked_out(from_idle=False, wait_seconds=0.001)
+    first.checked_in(use_seconds=0.01, to_idle=True)
+    first.wait_ended()
+    first.wait_started()  # a caller still waiting
+    first.checked_out(from_idle=True, wait_seconds=0.001)
+    assert _levels(registry, "pool") == (1, 0, 1)
+    second = PoolStats(dispatcher, "pool", 5)
+    second.checked_out(from_idle=False, wait_seconds=0.001)
+    assert _levels(registry, "pool") == (2, 0, 1)
+    second.rename("other")
+    assert _levels(registry, "pool") == (1, 0, 1)
+    assert _levels(registry, "other") == (1, 0, 0)
+    del second
+    gc.collect()
+    assert _levels(registry, "other") == (0, 0, 0)
+    first.set_levels(used=3, idle=2)
+    assert _levels(registry, "pool") == (3, 2, 1)
+
+
 def test_recorder_errors_are_contained_and_counted(
     make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
 ) -> None:
@@ -157,8 +195,16 @@ _MULTIPROCESS_SCRIPT = textwrap.dedent(
     from prometheus_client import CollectorRegistry, multiprocess
     from asyncsentinel import Sentinel
     from asyncsentinel.instruments import DB_CONNECTION_COUNT, DB_OPERATION_DURATION
+    from asyncsentinel.sources.database_accounting import PoolStats
 
     sentinel = Sentinel(registry=CollectorRegistry(), loop_monitor=False, sqlalchemy=False)
+    # Pool levels: recorded as changes here (the collecting process reads files).
+    stats = PoolStats(sentinel.dispatcher, "pool", 5)
+    stats.wait_started(); stats.wait_ended()
+    stats.checked_out(from_idle=False, wait_seconds=0.001)
+    stats.checked_in(use_seconds=0.01, to_idle=True)
+    stats.wait_started()
+    stats.checked_out(from_idle=True, wait_seconds=0.001)
     observe = sentinel.dispatcher.recorder(DB_OPERATION_DURATION, ("sqlite", "SELECT", "db"))
     used = sentinel.dispatcher.recorder(DB_CONNECTION_COUNT, ("db", "used"))
     for value in (0.0002, 0.003, 0.003, 7.0):
@@ -171,7 +217,8 @@ _MULTIPROCESS_SCRIPT = textwrap.dedent(
     for metric in scrape.collect():
         for s in metric.samples:
             key = s.name + "|" + s.labels.get("le", "") + "|" + s.labels.get(
-                "db_client_connection_state", "")
+                "db_client_connection_state", "") + "|" + s.labels.get(
+                "db_client_connection_pool_name", "")
             out[key] = s.value
     json.dump(out, sys.stdout)
     """
@@ -190,13 +237,16 @@ def test_recorders_write_multiprocess_files(tmp_path: Path) -> None:
         check=True,
     )
     seen = json.loads(done.stdout)
-    assert seen[f"{DURATION}_count||"] == 4
-    assert abs(seen[f"{DURATION}_sum||"] - 7.0062) < 1e-9
-    assert seen[f"{DURATION}_bucket|0.0005|"] == 1
-    assert seen[f"{DURATION}_bucket|0.005|"] == 3
-    assert seen[f"{DURATION}_bucket|5.0|"] == 3
-    assert seen[f"{DURATION}_bucket|10.0|"] == 4
-    assert seen["db_client_connection_count||used"] == 1
+    assert seen[f"{DURATION}_count|||db"] == 4
+    assert abs(seen[f"{DURATION}_sum|||db"] - 7.0062) < 1e-9
+    assert seen[f"{DURATION}_bucket|0.0005||db"] == 1
+    assert seen[f"{DURATION}_bucket|0.005||db"] == 3
+    assert seen[f"{DURATION}_bucket|5.0||db"] == 3
+    assert seen[f"{DURATION}_bucket|10.0||db"] == 4
+    assert seen["db_client_connection_count||used|db"] == 1
+    assert seen["db_client_connection_count||used|pool"] == 1
+    assert seen["db_client_connection_count||idle|pool"] == 0
+    assert seen["db_client_connection_pending_requests|||pool"] == 1
 
 
 def test_recording_from_a_gc_finalizer_while_creating_a_series_does_not_deadlock(

@@ -124,6 +124,36 @@ class _Histogram(Histogram):
         return super().collect()
 
 
+LevelReader = Callable[[], float | None]
+"""Reads a level when the family is collected; ``None``: its owner is gone (reader dropped)."""
+
+
+class _Gauge(Gauge):
+    """prometheus_client's ``Gauge``, whose collection first sets the series whose level is read
+    from callbacks (:meth:`PrometheusSink.level`) to the sum of their readers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # label values -> (child, its readers); changed under _levels_lock.
+        self._asyncsentinel_levels: dict[tuple[str, ...], tuple[Any, list[LevelReader]]] = {}
+
+    def collect(self) -> Any:
+        with _levels_lock:
+            for child, readers in self._asyncsentinel_levels.values():
+                total = 0.0
+                for read in list(readers):
+                    value = read()
+                    if value is None:
+                        readers.remove(read)
+                    else:
+                        total += value
+                child.set(total)
+        return super().collect()
+
+
+_levels_lock = threading.Lock()
+
+
 def multiprocess_enabled() -> bool:
     """True when prometheus_client's multiprocess mode is on (``PROMETHEUS_MULTIPROC_DIR``)."""
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -135,7 +165,7 @@ def _build(instrument: Instrument, registry: CollectorRegistry) -> Any:
         return Counter(name.removesuffix("_total"), doc, labels, registry=registry)
     if instrument.kind == "histogram":
         return _Histogram(name, doc, labels, registry=registry, buckets=instrument.buckets)
-    return Gauge(
+    return _Gauge(
         name, doc, labels, registry=registry, multiprocess_mode=instrument.multiprocess_mode
     )
 
@@ -298,3 +328,28 @@ class PrometheusSink:
 
     def set(self, instrument: Instrument, value: float, labels: tuple[str, ...]) -> None:
         self._child(instrument, labels).set(value)
+
+    def level(
+        self, instrument: Instrument, labels: tuple[str, ...], read: LevelReader
+    ) -> Callable[[], None] | None:
+        """Read a gauge's level from *read* whenever the family is collected, instead of
+        recording every change (a pool's used/idle/pending connections change twice per
+        checkout). Several readers of one series add up. Returns the function that removes
+        the reader, or ``None`` where levels must be recorded as changes: in multiprocess mode,
+        whose collection runs in another process and reads the values from files."""
+        family = self._families[instrument.name]
+        if instrument.kind != "gauge" or not isinstance(family, _Gauge) or multiprocess_enabled():
+            return None
+        child = self._child(instrument, labels)
+        key = tuple(child._labelvalues) if hasattr(child, "_labelvalues") else labels
+        with _levels_lock:
+            entry = family._asyncsentinel_levels.setdefault(key, (child, []))
+            entry[1].append(read)
+
+        def remove() -> None:
+            with _levels_lock:
+                readers = entry[1]
+                if read in readers:
+                    readers.remove(read)
+
+        return remove

@@ -16,6 +16,7 @@ attributes and findings.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 from asyncsentinel.context import RequestState
@@ -99,19 +100,33 @@ class StatementShapes:
         self._durations = {}
 
 
+def _level_of(stats: weakref.ref[PoolStats], attribute: str) -> Callable[[], float | None]:
+    def read() -> float | None:
+        owner = stats()
+        return None if owner is None else float(getattr(owner, attribute))
+
+    return read
+
+
 class PoolStats:
     """The live state of one connection pool, recorded into the pool instruments.
 
-    Each instrument is bound once per pool name (:meth:`Dispatcher.recorder`): a checkout and
-    its checkin make eight updates (pending, used, idle, wait and use time), so the lookups of
-    ``record`` on each would cost more than the updates. Each is still one exact delta.
+    The levels (used, idle, pending) are plain counters that the sinks read when they report
+    (:meth:`Dispatcher.level`): a checkout and its checkin change them six times, and recording
+    each change cost more than the rest of a checkout's accounting. Where a sink cannot read
+    levels (prometheus_client's multiprocess mode: another process collects, from files) each
+    change is recorded as an exact delta instead. The durations are bound once per pool name
+    (:meth:`Dispatcher.recorder`).
     """
 
     __slots__ = (
+        "__weakref__",
         "_create_time",
+        "_deltas",
         "_dispatcher",
         "_idle",
         "_labels",
+        "_level_readers",
         "_pending",
         "_timeouts",
         "_use_time",
@@ -133,6 +148,7 @@ class PoolStats:
         self.waiting = 0
         """Callers inside a checkout right now."""
         self.maximum = maximum
+        self._level_readers: Callable[[], None] | None = None
         self._set_name(name)
         if maximum is not None:
             dispatcher.set(DB_CONNECTION_MAX, maximum, self._labels)
@@ -140,7 +156,8 @@ class PoolStats:
     def _set_name(self, name: str) -> None:
         self.name = name
         labels = self._labels = (name,)
-        bind = self._dispatcher.recorder
+        dispatcher = self._dispatcher
+        bind = dispatcher.recorder
         self._used = bind(DB_CONNECTION_COUNT, (name, "used"))
         self._idle = bind(DB_CONNECTION_COUNT, (name, "idle"))
         self._pending = bind(DB_CONNECTION_PENDING_REQUESTS, labels)
@@ -148,63 +165,94 @@ class PoolStats:
         self._use_time = bind(DB_CONNECTION_USE_TIME, labels)
         self._create_time = bind(DB_CONNECTION_CREATE_TIME, labels)
         self._timeouts = bind(DB_CONNECTION_TIMEOUTS, labels)
+        if self._level_readers is not None:
+            self._level_readers()  # stop reporting under the previous name
+        me = weakref.ref(self)
+        levels = [
+            dispatcher.level(DB_CONNECTION_COUNT, (name, "used"), _level_of(me, "used")),
+            dispatcher.level(DB_CONNECTION_COUNT, (name, "idle"), _level_of(me, "idle")),
+            dispatcher.level(DB_CONNECTION_PENDING_REQUESTS, labels, _level_of(me, "waiting")),
+        ]
+        removers = [remove for remove in levels if remove is not None]
+        self._deltas = len(removers) < len(levels)
+        if self._deltas:
+            for remove in removers:
+                remove()
+            self._level_readers = None
+        else:
+
+            def stop_reporting() -> None:
+                for remove in removers:
+                    remove()
+
+            self._level_readers = stop_reporting
 
     def rename(self, name: str) -> None:
         """Move this pool's current levels to a new name (``instrument_engine(name=...)``)."""
         if name == self.name:
             return
-        self._used(-self.used)
-        self._idle(-self.idle)
-        self._pending(-self.waiting)
+        if self._deltas:
+            self._used(-self.used)
+            self._idle(-self.idle)
+            self._pending(-self.waiting)
         self._set_name(name)
-        self._used(self.used)
-        self._idle(self.idle)
-        self._pending(self.waiting)
+        if self._deltas:
+            self._used(self.used)
+            self._idle(self.idle)
+            self._pending(self.waiting)
         if self.maximum is not None:
             self._dispatcher.set(DB_CONNECTION_MAX, self.maximum, self._labels)
 
     def wait_started(self) -> None:
         """A caller asks the pool for a connection."""
         self.waiting += 1
-        self._pending(1)
+        if self._deltas:
+            self._pending(1)
 
     def wait_ended(self) -> None:
         """The caller got a connection, or gave up."""
         self.waiting -= 1
-        self._pending(-1)
+        if self._deltas:
+            self._pending(-1)
 
     def checked_out(self, *, from_idle: bool, wait_seconds: float) -> None:
         """A connection left the pool (*from_idle*: an open one; otherwise newly opened)."""
         self.used += 1
-        self._used(1)
         if from_idle:
             self.idle -= 1
-            self._idle(-1)
+        if self._deltas:
+            self._used(1)
+            if from_idle:
+                self._idle(-1)
         self._wait_time(wait_seconds)
 
     def checked_in(self, *, use_seconds: float | None, to_idle: bool) -> None:
         """A connection came back (*to_idle*: still open and kept by the pool)."""
         self.used -= 1
-        self._used(-1)
         if to_idle:
             self.idle += 1
-            self._idle(1)
+        if self._deltas:
+            self._used(-1)
+            if to_idle:
+                self._idle(1)
         if use_seconds is not None:
             self._use_time(use_seconds)
 
     def idle_closed(self) -> None:
         """An idle connection was closed (dispose, recycle, failed pre-ping, overflow)."""
         self.idle -= 1
-        self._idle(-1)
+        if self._deltas:
+            self._idle(-1)
 
     def set_levels(self, used: int, idle: int) -> None:
         """Set used/idle from the pool's own counters (pools that expose them exactly)."""
-        if used != self.used:
-            self._used(used - self.used)
-            self.used = used
-        if idle != self.idle:
-            self._idle(idle - self.idle)
-            self.idle = idle
+        if self._deltas:
+            if used != self.used:
+                self._used(used - self.used)
+            if idle != self.idle:
+                self._idle(idle - self.idle)
+        self.used = used
+        self.idle = idle
 
     def wait_observed(self, wait_seconds: float) -> None:
         """Record the time a checkout took (pools whose levels come from :meth:`set_levels`)."""
