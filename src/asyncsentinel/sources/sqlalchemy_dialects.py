@@ -55,11 +55,13 @@ ACTIVE: list[DialectObserver] = []
 """The installed observers; read by every wrapper on every statement (changed in place)."""
 
 
-# Three wrappers of the same shape, written out: the signatures differ, and a generic wrapper
-# (or a helper call to tell the observers) would cost another call per statement.
-def _wrap_do_execute(original: Callable[..., Any]) -> Callable[..., Any]:
+# Two statement wrappers of the same shape, written out: the signatures differ, and a generic
+# wrapper (or a helper call to tell the observers) would cost another call per statement.
+def _wrap_with_parameters(original: Callable[..., Any]) -> Callable[..., Any]:
+    """The wrapper of ``do_execute`` and ``do_executemany`` (one signature)."""
+
     @functools.wraps(original)
-    def do_execute(
+    def with_parameters(
         self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None
     ) -> Any:
         if not ACTIVE or context is None:
@@ -71,26 +73,8 @@ def _wrap_do_execute(original: Callable[..., Any]) -> Callable[..., Any]:
             observer.executed(context, statement, elapsed)
         return result
 
-    setattr(do_execute, _MARKER, True)
-    return do_execute
-
-
-def _wrap_do_executemany(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def do_executemany(
-        self: Any, cursor: Any, statement: str, parameters: Any, context: Any = None
-    ) -> Any:
-        if not ACTIVE or context is None:
-            return original(self, cursor, statement, parameters, context)
-        start = _perf_ns()
-        result = original(self, cursor, statement, parameters, context)
-        elapsed = _perf_ns() - start
-        for observer in ACTIVE:
-            observer.executed(context, statement, elapsed)
-        return result
-
-    setattr(do_executemany, _MARKER, True)
-    return do_executemany
+    setattr(with_parameters, _MARKER, True)
+    return with_parameters
 
 
 def _wrap_do_execute_no_params(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -126,8 +110,8 @@ def _wrap_connect(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _FACTORIES: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
-    "do_execute": _wrap_do_execute,
-    "do_executemany": _wrap_do_executemany,
+    "do_execute": _wrap_with_parameters,
+    "do_executemany": _wrap_with_parameters,
     "do_execute_no_params": _wrap_do_execute_no_params,
     "connect": _wrap_connect,
 }
