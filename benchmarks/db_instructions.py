@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.units is None:
         args.units = 20 if args.quick else 40
+    args.python = str(Path(args.python).absolute())  # children run in benchmarks/
     if args.child:
         child(args.child[0], args.child[1], args.units, args.postgres, args.native)
         return 0
