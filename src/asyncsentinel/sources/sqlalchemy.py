@@ -6,7 +6,8 @@ included. Statements are timed by wrappers of the dialect's ``do_execute``/``do_
 ``do_execute_no_params`` methods (:mod:`.sqlalchemy_dialects`), not by SQLAlchemy's events:
 a single connection-event listener makes SQLAlchemy route every connection through its event
 machinery, which alone costs more than all of asyncsentinel's per-statement work, and the
-dialect's ``do_execute*`` events cost about 1 µs more per statement than a wrapper
+listener of the dialect's ``do_execute*`` events (which also had to run the listeners registered
+after it) cost ~1 µs more per statement than the wrappers, measured side by side
 (``benchmarks/README.md``). :meth:`SQLAlchemySource.instrument_engine` only
 names a pool; the default name is the URL without credentials
 (``postgresql+asyncpg://127.0.0.1:5432/shop``).

@@ -2,16 +2,17 @@
 ``do_execute_no_params`` and ``connect`` methods, wrapped at class level.
 
 Every statement SQLAlchemy runs (single, executemany, without parameters, each insertmanyvalues
-batch) ends in one of these three methods of the engine's dialect. Wrapping them where they are
-defined — ``DefaultDialect`` for all of SQLAlchemy's own dialects, plus any dialect class that
-overrides one (psycopg2's ``do_executemany``) once an engine of it is seen — times each statement
-for one extra Python call. SQLAlchemy's ``do_execute*`` *events* would do the same through its
-event dispatch, which costs about 1 µs more per statement (``benchmarks/README.md``); connection
-events (``before/after_cursor_execute``) cost about 9 µs, because any connection listener makes
-SQLAlchemy run every connect, begin and commit through its event machinery. ``connect`` (a new
-DBAPI connection) is wrapped rather than listened to (``do_connect``) for the same reason: one
-dialect event listener of any kind makes SQLAlchemy consult the dialect's event lists on every
-statement (~0.5 µs).
+batch) ends in one of the three ``do_execute*`` methods of the engine's dialect. Wrapping them
+where they are defined — ``DefaultDialect`` for all of SQLAlchemy's own dialects, plus any dialect
+class that overrides one (psycopg2's ``do_executemany``) once an engine of it is seen — times
+each statement for one extra Python call. SQLAlchemy's ``do_execute*`` *events* would do the same
+through its event dispatch: asyncsentinel's listener of them (which also had to run the
+listeners registered after it) cost ~1 µs more per statement, measured side by side
+(``benchmarks/README.md``); connection events (``before/after_cursor_execute``) cost about 9 µs,
+because any connection listener makes SQLAlchemy run every connect, begin and commit through its
+event machinery. ``connect`` (a new DBAPI connection) is wrapped rather than listened to
+(``do_connect``) for the same reason: one dialect event listener of any kind makes SQLAlchemy
+consult the dialect's event lists on every statement (~0.5 µs).
 
 What a wrapper cannot see: a statement that an application's own ``do_execute*`` event listener
 executed itself (it returned True, so SQLAlchemy never called the dialect's method), a
