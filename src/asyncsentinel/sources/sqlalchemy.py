@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -74,7 +73,6 @@ from asyncsentinel.sources.sqlalchemy_stacks import (
     stack_here,
 )
 
-_perf_ns = time.perf_counter_ns
 _running_loop = asyncio._get_running_loop
 _MAX_REMEMBERED = 1000  # advice and out-of-request sync findings already reported (bounded)
 
