@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import threading
 import time
+import weakref
 from collections.abc import Iterable, MutableMapping, Sequence
 from typing import Any
 
@@ -38,6 +40,45 @@ BUILTIN_SOURCES: tuple[tuple[str, str, str], ...] = (
 _KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
 )
+
+
+class _ActiveRequests:
+    """``http_server_active_requests`` by method: counters the sinks read when they report
+    (:meth:`Dispatcher.level`), so a request pays for no metric update at its start and end;
+    where a sink cannot read levels (multiprocess mode) each change is recorded instead."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()  # requests may start and end in several threads
+        self._record_changes = False
+
+    def started(self, method: str) -> None:
+        with self._lock:
+            count = self.counts.get(method)
+            if count is None:
+                count = self._first(method)
+            self.counts[method] = count + 1
+        if self._record_changes:
+            self._dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, 1, (method,))
+
+    def finished(self, method: str) -> None:
+        with self._lock:
+            self.counts[method] -= 1  # started() counted it
+        if self._record_changes:
+            self._dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, -1, (method,))
+
+    def _first(self, method: str) -> int:
+        me = weakref.ref(self)
+
+        def read() -> float | None:
+            owner = me()
+            return None if owner is None else float(owner.counts.get(method, 0))
+
+        # Read for as long as the sentinel lives (its middleware may outlive close()).
+        if self._dispatcher.level(HTTP_SERVER_ACTIVE_REQUESTS, (method,), read) is None:
+            self._record_changes = True
+        return 0
 
 
 class Sentinel:
@@ -76,6 +117,7 @@ class Sentinel:
         all_sinks.extend(sinks)
         self.dispatcher = Dispatcher(all_sinks, ignore_kinds=s.ignore_kinds)
         self._resolve_route = RouteTemplates(s.max_routes)
+        self._active = _ActiveRequests(self.dispatcher)
         self._server_spans = ServerSpans(tracer) if s.server_span else None
         self.started = False
         self._closed = False
@@ -165,7 +207,7 @@ class Sentinel:
                 state.span, state.extras["_otel_token"] = self._server_spans.start(scope, method)
             else:
                 state.span = current_span()
-            self.dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, 1, (method,))
+            self._active.started(method)
             for component, hook in self._on_request_started:
                 try:
                     hook(state)
@@ -189,7 +231,7 @@ class Sentinel:
                 (end_ns - state.start_ns) / 1e9,
                 (state.method, state.route, status),
             )
-            self.dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, -1, (state.method,))
+            self._active.finished(state.method)
             for component, hook in self._on_request_finished:
                 try:
                     hook(state)

@@ -205,6 +205,10 @@ _MULTIPROCESS_SCRIPT = textwrap.dedent(
     stats.checked_in(use_seconds=0.01, to_idle=True)
     stats.wait_started()
     stats.checked_out(from_idle=True, wait_seconds=0.001)
+    # Requests in flight: also recorded as changes (one GET ended, one still running).
+    scope = {"type": "http", "method": "GET", "path": "/", "root_path": ""}
+    sentinel.end_request(sentinel.begin_request(scope), None)
+    sentinel.begin_request(scope)
     observe = sentinel.dispatcher.recorder(DB_OPERATION_DURATION, ("sqlite", "SELECT", "db"))
     used = sentinel.dispatcher.recorder(DB_CONNECTION_COUNT, ("db", "used"))
     for value in (0.0002, 0.003, 0.003, 7.0):
@@ -247,6 +251,7 @@ def test_recorders_write_multiprocess_files(tmp_path: Path) -> None:
     assert seen["db_client_connection_count||used|pool"] == 1
     assert seen["db_client_connection_count||idle|pool"] == 0
     assert seen["db_client_connection_pending_requests|||pool"] == 1
+    assert seen["http_server_active_requests|||"] == 1
 
 
 def test_recording_from_a_gc_finalizer_while_creating_a_series_does_not_deadlock(
