@@ -289,7 +289,7 @@ class SQLAlchemySource(Source):
     def checkout(self, engine: Engine, original: Callable[[Engine], Any]) -> Any:
         """Called by the ``Engine.raw_connection`` wrapper: an accounted checkout."""
         try:
-            info = self._info(engine)
+            info = self._engines.get(id(engine)) or self._info(engine)
         except Exception as exc:
             self.dispatcher.report_error("source.sqlalchemy", exc)
             return original(engine)

@@ -32,10 +32,10 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import NullPool, Pool, QueuePool
 
-from asyncsentinel.context import current_request
+from asyncsentinel.context import current_request, current_request_var
 from asyncsentinel.findings import Dispatcher, EvidenceValue
 from asyncsentinel.sources.database import DatabaseMonitor
-from asyncsentinel.sources.database_accounting import Checkout, PoolStats
+from asyncsentinel.sources.database_accounting import REQUEST_KEY, Checkout, PoolStats
 from asyncsentinel.sources.sqlalchemy_engines import EngineInfo
 from asyncsentinel.sources.sqlalchemy_stacks import origin_here, stack_here
 
@@ -145,11 +145,15 @@ class PoolTracker:
         if self._monitor.deferred:
             self._monitor.report_deferred()
         pool = engine.pool
-        try:
-            stats = self.stats_for(pool, info)
-        except Exception as exc:
-            self._dispatcher.report_error("source.sqlalchemy.pool", exc)
-            stats = None
+        known = info.pool
+        if known is not None and known() is pool:  # stats_for()'s usual answer, without a call
+            stats = info.pool_stats
+        else:
+            try:
+                stats = self.stats_for(pool, info)
+            except Exception as exc:
+                self._dispatcher.report_error("source.sqlalchemy.pool", exc)
+                stats = None
         if stats is None:
             return original(engine)
         stats.wait_started()
@@ -181,19 +185,21 @@ class PoolTracker:
         state = record_info.get(self._key)
         if state is not None and state.checkout is not None:
             # Never seen checked in (should not happen with QueuePool): close the books first.
-            self._returned(state, end)
+            self._came_back(state)
         from_idle = state is not None and state.open and state.stats is stats
         if not from_idle:
             state = record_info[self._key] = RecordState(stats)
         assert state is not None
         wait_ns = end - start
         stats.checked_out(from_idle=from_idle, wait_seconds=wait_ns / 1e9)
-        request = current_request()
+        request = current_request_var.get()
         checkout = Checkout(stats, end, request)
         state.checkout = checkout
         state.fairy_ref = weakref.ref(fairy, _noop_weakref_callback)
         if request is not None:
-            db = self._monitor.request(request)
+            db = request.extras.get(REQUEST_KEY)  # DatabaseMonitor.request()'s usual answer
+            if db is None or db.owner is not self._monitor:
+                db = self._monitor.request(request)
             if db is not None and db.remember_checkout(checkout):
                 # Where, for a leak report: the frame's code and offset only (tens of ns);
                 # the line and Location are computed if that connection ever leaks.
@@ -221,19 +227,21 @@ class PoolTracker:
             state=current_request(),
         )
 
-    def _returned(self, state: RecordState, now: int) -> Checkout | None:
+    def _came_back(self, state: RecordState) -> None:
+        """*state*'s connection is back in its pool, or left it (detached): close the books on
+        its checkout, and report a leak if SQLAlchemy returned it because its connection object
+        was garbage-collected."""
         checkout = state.checkout
         if checkout is None:
-            return None
+            return
         state.checkout = None
         checkout.returned = True
+        now = _perf_ns()
         state.stats.checked_in(use_seconds=(now - checkout.start_ns) / 1e9, to_idle=state.open)
-        return checkout
-
-    def _garbage_collected(self, state: RecordState) -> bool:
         ref = state.fairy_ref
         state.fairy_ref = None
-        return ref is not None and ref() is None
+        if ref is not None and ref() is None:
+            self._monitor.connection_garbage_collected(checkout)
 
     # --- pool events -----------------------------------------------------------------------------
     def _on_checkin(self, dbapi_connection: Any, record: Any) -> None:
@@ -241,10 +249,7 @@ class PoolTracker:
             state = record.info.get(self._key)
             if state is None:
                 return
-            gc_collected = self._garbage_collected(state)
-            checkout = self._returned(state, _perf_ns())
-            if checkout is not None and gc_collected:
-                self._monitor.connection_garbage_collected(checkout)
+            self._came_back(state)
         except Exception as exc:
             self._dispatcher.report_error("source.sqlalchemy.pool", exc)
 
@@ -266,11 +271,8 @@ class PoolTracker:
             state = record.info.pop(self._key, None)
             if state is None:
                 return
-            gc_collected = self._garbage_collected(state)
             state.open = False
-            checkout = self._returned(state, _perf_ns())
-            if checkout is not None and gc_collected:
-                self._monitor.connection_garbage_collected(checkout)
+            self._came_back(state)
         except Exception as exc:
             self._dispatcher.report_error("source.sqlalchemy.pool", exc)
 
