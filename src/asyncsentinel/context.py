@@ -40,6 +40,9 @@ class RequestState:
     span_attributes: dict[str, str | int | float | bool] = field(default_factory=dict)
     """Attributes detectors want on the request span (e.g. ``asyncsentinel.db.query_count``)."""
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
+    db: Any = field(default=None, repr=False)
+    """The database sources' record of this request (created at its first statement or
+    checkout): a slot rather than an :attr:`extras` entry, because every SQL statement reads it."""
     _route: str | None = field(default=None, repr=False)
 
     @property

@@ -33,7 +33,7 @@ from asyncsentinel.findings import (
 )
 from asyncsentinel.frames import PACKAGE_PREFIX, Location, Origin, origins_to_stack, user_culprit
 from asyncsentinel.instruments import REQUEST_DB_QUERIES
-from asyncsentinel.sources.database_accounting import REQUEST_KEY, Checkout, PoolStats, RequestDb
+from asyncsentinel.sources.database_accounting import Checkout, PoolStats, RequestDb
 
 _SHAPE_IN_MESSAGE = 200
 _MAX_ROUTE_RECORDERS = 1024
@@ -101,10 +101,9 @@ class DatabaseMonitor:
     def request(self, state: RequestState) -> RequestDb | None:
         """This request's :class:`RequestDb`, created on first use; ``None`` if another monitor
         (a second Sentinel in the process) already counts for it."""
-        extras = state.extras
-        db = extras.get(REQUEST_KEY)
+        db = state.db
         if db is None:
-            db = extras[REQUEST_KEY] = RequestDb(self)
+            db = state.db = RequestDb(self)
         elif db.owner is not self:
             return None
         return db if isinstance(db, RequestDb) else None
@@ -141,7 +140,7 @@ class DatabaseMonitor:
         """Observe the statement count, annotate the span, report N+1, plan leak checks."""
         if self.deferred:
             self.report_deferred()
-        db: RequestDb | None = state.extras.get(REQUEST_KEY)
+        db: RequestDb | None = state.db
         count = db.count if db is not None else 0
         route = state.route
         record = self._queries_by_route.get(route)
@@ -287,7 +286,7 @@ class DatabaseMonitor:
     ) -> None:
         """A checkout waited too long for a free connection, or gave up."""
         if state is not None:
-            db = state.extras.get(REQUEST_KEY)
+            db = state.db
             if isinstance(db, RequestDb) and not db.first_time(f"pool_exhausted:{stats.name}"):
                 return  # one per pool per request; the metrics still count every wait
         what = "timed out waiting" if timed_out else f"waited {wait_seconds:.3f}s"

@@ -1,14 +1,15 @@
 """Database bookkeeping shared by the SQLAlchemy and asyncpg sources (no driver imported here).
 
 * :class:`PoolStats` — the live state of one connection pool (used, idle, waiting), fed to the
-  ``db_client_connection_*`` instruments. Gauges are recorded as deltas, so two pools sharing a
-  name (an engine's pool before and after ``dispose()``) add up instead of overwriting each other.
+  ``db_client_connection_*`` instruments: levels read when the sinks report (recorded as deltas
+  where they cannot read them), so two pools sharing a name (an engine's pool before and after
+  ``dispose()``) add up instead of overwriting each other.
 * :class:`Checkout` — one connection checked out of a pool: when, by which request and line.
 * :class:`StatementShapes` — per pool, each statement text's shape and the recorder of its
   ``db_client_operation_duration_seconds`` series.
-* :class:`RequestDb` — what one HTTP request did with the database, in
-  ``RequestState.extras["sqlalchemy"]``: statement count and time, executions per statement
-  shape (for N+1 detection), connections it checked out (for leak detection).
+* :class:`RequestDb` — what one HTTP request did with the database, in ``RequestState.db``
+  (shared by every database source): statement count and time, executions per statement shape
+  (for N+1 detection), connections it checked out (for leak detection).
 
 :class:`~asyncsentinel.sources.database.DatabaseMonitor` turns them into request metrics, span
 attributes and findings.
@@ -35,8 +36,6 @@ from asyncsentinel.instruments import (
 )
 from asyncsentinel.sources.sql_shapes import describe
 
-REQUEST_KEY = "sqlalchemy"
-"""Key of :class:`RequestDb` in ``RequestState.extras`` (shared by every database source)."""
 MAX_SHAPES_PER_REQUEST = 256
 """Distinct statement shapes counted per request; later new shapes are not tracked (memory)."""
 MAX_CHECKOUTS_PER_REQUEST = 64

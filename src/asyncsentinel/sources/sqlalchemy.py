@@ -61,7 +61,6 @@ from asyncsentinel.sources.database import DatabaseMonitor
 from asyncsentinel.sources.database_accounting import (
     MAX_NAME_CHARS,
     MAX_SHAPES_PER_REQUEST,
-    REQUEST_KEY,
     RequestDb,
 )
 from asyncsentinel.sources.sqlalchemy_engines import EngineInfo, engine_info
@@ -324,7 +323,7 @@ class SQLAlchemySource(Source):
             request = current_request_var.get()
             if request is not None:
                 monitor = self.monitor
-                db = request.extras.get(REQUEST_KEY)
+                db = request.db
                 if db is None or db.owner is not monitor:
                     db = monitor.request(request)
                 # RequestDb.add, written out (a call less per statement).
@@ -366,7 +365,7 @@ class SQLAlchemySource(Source):
         # the async driver: info.is_async tells them apart. Report once per request (or once per
         # statement shape outside requests), with the stack of the first offence.
         if request is not None:
-            db = request.extras.get(REQUEST_KEY)
+            db = request.db
             if isinstance(db, RequestDb) and not db.first_time(SYNC_DB_ON_EVENT_LOOP):
                 return
         else:

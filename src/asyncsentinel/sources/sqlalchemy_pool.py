@@ -35,7 +35,7 @@ from sqlalchemy.pool import NullPool, Pool, QueuePool
 from asyncsentinel.context import current_request, current_request_var
 from asyncsentinel.findings import Dispatcher, EvidenceValue
 from asyncsentinel.sources.database import DatabaseMonitor
-from asyncsentinel.sources.database_accounting import REQUEST_KEY, Checkout, PoolStats
+from asyncsentinel.sources.database_accounting import Checkout, PoolStats
 from asyncsentinel.sources.sqlalchemy_engines import EngineInfo
 from asyncsentinel.sources.sqlalchemy_stacks import origin_here, stack_here
 
@@ -197,7 +197,7 @@ class PoolTracker:
         state.checkout = checkout
         state.fairy_ref = weakref.ref(fairy, _noop_weakref_callback)
         if request is not None:
-            db = request.extras.get(REQUEST_KEY)  # DatabaseMonitor.request()'s usual answer
+            db = request.db  # DatabaseMonitor.request()'s usual answer
             if db is None or db.owner is not self._monitor:
                 db = self._monitor.request(request)
             if db is not None and db.remember_checkout(checkout):
