@@ -193,6 +193,11 @@ def paired(
     return result
 
 
+def breakdown_variants() -> list[Variant]:
+    """``none`` first (the baseline), then asyncsentinel whole and with parts switched off."""
+    return [Variant(), AsyncSentinelVariant(), StatementsNotAccounted(), StatementsNotHooked()]
+
+
 def measure_sqlite(rounds: int, units: int) -> dict[str, Any]:
     echo = EchoProcess()
     engines = {"in memory": db_overhead.sqlite_engine(), "round trip": round_trip_engine(echo)}
@@ -206,7 +211,7 @@ def measure_sqlite(rounds: int, units: int) -> dict[str, Any]:
                     return run_sync(engine, variant, s, n)
 
                 results[f"{scenario.name}, {surroundings}"] = paired(
-                    [Variant(), AsyncSentinelVariant()], scenario, run, engine, rounds, units
+                    breakdown_variants(), scenario, run, engine, rounds, units
                 )
     finally:
         for engine in engines.values():
@@ -222,23 +227,17 @@ def measure_postgres(url: str, rounds: int, units: int) -> dict[str, Any]:
     def run(variant: Variant, scenario: Scenario, n: int) -> Timing:
         return loop.run_until_complete(run_async(engine, variant, scenario, n))
 
+    sync_engine = engine.sync_engine
     try:
         db_overhead._progress("postgresql: 4 statements per request…")
-        variants = [Variant(), AsyncSentinelVariant(), StatementsNotAccounted()]
-        variants.append(StatementsNotHooked())
         results = {
             SCENARIOS[1].name: paired(
-                variants, SCENARIOS[1], run, engine.sync_engine, rounds, units
+                breakdown_variants(), SCENARIOS[1], run, sync_engine, rounds, units
             )
         }
         db_overhead._progress("postgresql: checkouts only…")
         results[_CHECKOUTS_ONLY.name] = paired(
-            [Variant(), AsyncSentinelVariant()],
-            _CHECKOUTS_ONLY,
-            run,
-            engine.sync_engine,
-            rounds,
-            units,
+            [Variant(), AsyncSentinelVariant()], _CHECKOUTS_ONLY, run, sync_engine, rounds, units
         )
     finally:
         loop.run_until_complete(db_overhead._drop_postgres(engine))
@@ -250,51 +249,34 @@ def _fmt(summary: dict[str, float]) -> str:
     return f"{summary['median']:+.2f} [{summary['q1']:+.2f}, {summary['q3']:+.2f}]"
 
 
-def tables(sqlite: dict[str, Any], postgres: dict[str, Any] | None) -> str:
+def _table(results: dict[str, Any]) -> str:
     rows = []
-    for key, by_variant in sqlite.items():
-        ours = by_variant["asyncsentinel"]
-        rows.append(
-            [
-                key,
-                f"{by_variant['none']['wall_us']['median']:.1f}",
-                _fmt(ours["added_wall_us"]),
-                _fmt(ours["added_cpu_us"]),
-            ]
-        )
-    out = [
-        "### 1. The same SQLite work, with and without a round trip to another process per "
-        "statement (µs per statement)\n",
-        markdown_table(
-            [
-                "scenario, surroundings",
-                "none: wall µs",
-                "asyncsentinel: added wall µs [IQR]",
-                "added CPU µs [IQR]",
-            ],
-            rows,
-        ),
-    ]
-    if postgres is not None:
-        rows = []
-        for scenario, by_variant in postgres.items():
-            unit = "per request" if scenario == _CHECKOUTS_ONLY.name else "per statement"
-            for name, figures in by_variant.items():
-                if name == "none":
-                    continue
+    for scenario, by_variant in results.items():
+        unit = "µs per request" if scenario == _CHECKOUTS_ONLY.name else "µs per statement"
+        base = by_variant["none"]["wall_us"]["median"]
+        for name, figures in by_variant.items():
+            if name != "none":
                 rows.append(
                     [
-                        f"{scenario} ({unit})",
+                        f"{scenario} (none: {base:.1f} {unit})",
                         name,
                         _fmt(figures["added_wall_us"]),
                         _fmt(figures["added_cpu_us"]),
                     ]
                 )
+    return markdown_table(["scenario", "variant", "added wall [IQR]", "added CPU [IQR]"], rows)
+
+
+def tables(sqlite: dict[str, Any], postgres: dict[str, Any] | None) -> str:
+    out = [
+        "### 1. The same SQLite work, with and without a round trip to another process before "
+        "each statement\n",
+        _table(sqlite),
+    ]
+    if postgres is not None:
         out += [
-            "\n### 2. PostgreSQL (AsyncEngine, asyncpg), inside a request, parts switched off\n",
-            markdown_table(
-                ["scenario", "variant", "added wall µs [IQR]", "added CPU µs [IQR]"], rows
-            ),
+            "\n### 2. PostgreSQL (AsyncEngine, asyncpg), inside a request\n",
+            _table(postgres),
         ]
     return "\n".join(out)
 

@@ -54,6 +54,19 @@ def _db_instructions(args: argparse.Namespace) -> None:
     db_instructions.main(argv)
 
 
+def _db_round_trips(args: argparse.Namespace) -> None:
+    import db_round_trips
+
+    argv = ["--quick"] if args.quick else []
+    if args.rounds:
+        argv += ["--rounds", str(args.rounds)]
+    if args.postgres:
+        argv += ["--postgres", args.postgres]
+    if args.results_dir:
+        argv += ["--results-dir", args.results_dir]
+    db_round_trips.main(argv)
+
+
 def _loop(args: argparse.Namespace) -> None:
     import loop_detection
 
@@ -72,6 +85,11 @@ SUITES: dict[str, tuple[str, Callable[[argparse.Namespace], Any]]] = {
     "db-instructions": (
         "Instructions added per SQL statement and per request, counted by callgrind.",
         _db_instructions,
+    ),
+    "db-round-trips": (
+        "The same statements' cost with a round trip to another process in between, and a "
+        "breakdown on PostgreSQL.",
+        _db_round_trips,
     ),
     "sessions": (
         "Cost of the SQLAlchemy session detectors per session and per AsyncSession operation.",
