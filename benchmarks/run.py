@@ -30,41 +30,34 @@ def _sessions(args: argparse.Namespace) -> None:
     asyncio.run(session_hooks.main(rounds, args.postgres))
 
 
-def _db(args: argparse.Namespace) -> None:
-    import db_overhead
-
+def _script_argv(args: argparse.Namespace, *, rounds: bool = True) -> list[str]:
+    """The options a database suite's own script takes, from this command line's."""
     argv = ["--quick"] if args.quick else []
-    if args.rounds:
+    if rounds and args.rounds:
         argv += ["--rounds", str(args.rounds)]
     if args.postgres:
         argv += ["--postgres", args.postgres]
     if args.results_dir:
         argv += ["--results-dir", args.results_dir]
-    db_overhead.main(argv)
+    return argv
+
+
+def _db(args: argparse.Namespace) -> None:
+    import db_overhead
+
+    db_overhead.main(_script_argv(args))
 
 
 def _db_instructions(args: argparse.Namespace) -> None:
     import db_instructions
 
-    argv = ["--quick"] if args.quick else []
-    if args.postgres:
-        argv += ["--postgres", args.postgres]
-    if args.results_dir:
-        argv += ["--results-dir", args.results_dir]
-    db_instructions.main(argv)
+    db_instructions.main(_script_argv(args, rounds=False))  # it counts; it has no rounds
 
 
 def _db_round_trips(args: argparse.Namespace) -> None:
     import db_round_trips
 
-    argv = ["--quick"] if args.quick else []
-    if args.rounds:
-        argv += ["--rounds", str(args.rounds)]
-    if args.postgres:
-        argv += ["--postgres", args.postgres]
-    if args.results_dir:
-        argv += ["--results-dir", args.results_dir]
-    db_round_trips.main(argv)
+    db_round_trips.main(_script_argv(args))
 
 
 def _loop(args: argparse.Namespace) -> None:
