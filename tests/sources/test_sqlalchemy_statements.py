@@ -202,3 +202,74 @@ def test_removing_asyncsentinel_restores_the_dialect_methods(make_sentinel) -> N
     assert all(DefaultDialect.__dict__[n] is not f for n, f in originals.items())
     sentinel.close()
     assert all(DefaultDialect.__dict__[n] is f for n, f in originals.items())
+
+
+def _sample_sum(registry: Any, name: str) -> float:
+    return sum(s.value for m in registry.collect() for s in m.samples if s.name == name)
+
+
+def test_two_sentinels_count_a_requests_statements_once(tmp_path: Path, make_sentinel) -> None:
+    """Two Sentinels in one process (two apps, or a harness beside the app) both time every
+    statement, but a request's statements, checkouts and N+1 are counted by one of them only."""
+    from prometheus_client import CollectorRegistry
+    from sqlalchemy.pool import QueuePool
+    from starlette.routing import Route
+
+    from asyncsentinel.context import enter_request, exit_request
+
+    pooled = create_engine(f"sqlite:///{tmp_path / 'two.db'}", poolclass=QueuePool)
+    with pooled.begin() as conn:
+        _metadata.create_all(conn)
+    registries = [CollectorRegistry(), CollectorRegistry()]
+    first, _second = (make_sentinel(registry=r, loop_monitor=False) for r in registries)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/orders/7",
+        "root_path": "",
+        "route": Route("/orders/{order_id}", endpoint=lambda request: None),
+    }
+    state = first.begin_request(scope)
+    assert state is not None
+    token = enter_request(state)
+    try:
+        with pooled.connect() as conn:
+            for n in range(6):  # one shape six times: an N+1 at the default threshold of 5
+                conn.execute(select(_items.c.id).where(_items.c.id == n)).all()
+    finally:
+        exit_request(token)
+        first.end_request(state, None)
+    pooled.dispose()
+
+    counted = [
+        {
+            "statements": _statements(registry, "SELECT"),
+            "requests": _sample_sum(registry, "asyncsentinel_request_db_queries_count"),
+            "request_statements": _sample_sum(registry, "asyncsentinel_request_db_queries_sum"),
+            "n_plus_one": sum(
+                s.value
+                for m in registry.collect()
+                for s in m.samples
+                if s.name == "asyncsentinel_findings_total" and s.labels["kind"] == "n_plus_one"
+            ),
+            "checkouts": _sample_sum(registry, "db_client_connection_wait_time_seconds_count"),
+        }
+        for registry in registries
+    ]
+    # Both time the statements and the checkout; only the request's Sentinel counts for it.
+    assert counted[0] == {
+        "statements": 6,
+        "requests": 1,
+        "request_statements": 6,
+        "n_plus_one": 1,
+        "checkouts": 1,
+    }
+    assert counted[1] == {
+        "statements": 6,
+        "requests": 0,
+        "request_statements": 0,
+        "n_plus_one": 0,
+        "checkouts": 1,
+    }
+    assert state.db is not None and state.db.count == 6
+    assert len(state.db.checkouts or []) == 1
