@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -114,6 +115,9 @@ def _log_to_file(path: Path) -> Iterator[_ErrorMessages]:
     try:
         yield errors
     finally:
+        # What the misbehaving routes left in reference cycles (a coroutine a MissingGreenlet
+        # never let SQLAlchemy await) is collected now, while its warning still goes to the log.
+        gc.collect()
         sys.unraisablehook = saved_hook
         logging.captureWarnings(False)
         sentinel_logger.setLevel(saved_level)
