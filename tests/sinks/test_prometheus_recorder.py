@@ -78,6 +78,30 @@ def test_histogram_recorder_matches_record(values: list[float]) -> None:
         plain.close()
 
 
+def test_a_nan_duration_is_recorded_as_observe_records_it() -> None:
+    """NaN is in no bucket: a buffered batch holding one still counts every bucket exactly."""
+    values = [0.003 * (n % 11) for n in range(100)]
+    values[40] = math.nan
+    bound_registry, plain_registry = CollectorRegistry(), CollectorRegistry()
+    bound = Sentinel(registry=bound_registry, loop_monitor=False, sqlalchemy=False)
+    plain = Sentinel(registry=plain_registry, loop_monitor=False, sqlalchemy=False)
+    try:
+        record = bound.dispatcher.recorder(DB_OPERATION_DURATION, LABELS)
+        for value in values:
+            record(value)
+            plain.dispatcher.record(DB_OPERATION_DURATION, value, LABELS)
+        bound_samples = _samples(bound_registry, DURATION)
+        plain_samples = _samples(plain_registry, DURATION)
+        total = (f"{DURATION}_sum", "")
+        assert math.isnan(bound_samples.pop(total)) and math.isnan(plain_samples.pop(total))
+        assert bound_samples == plain_samples
+        # prometheus_client's count is its +Inf bucket, where NaN is not: 99 of 100.
+        assert bound_samples[(f"{DURATION}_count", "")] == 99
+    finally:
+        bound.close()
+        plain.close()
+
+
 def test_every_scrape_sees_every_observation(
     make_sentinel: Callable[..., Sentinel], registry: CollectorRegistry
 ) -> None:

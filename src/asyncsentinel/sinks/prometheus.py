@@ -12,7 +12,7 @@ import math
 import os
 import threading
 import weakref
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -97,19 +97,24 @@ class _PendingObservations:
         taken = values[:count]
         del values[:count]  # observations appended meanwhile are after these: they stay
         bounds, add_to_sum, bucket_incs = self._cells
-        per_bucket = [0] * len(bounds)
-        total = 0.0
-        for amount in taken:
-            if amount != amount:  # NaN is in no bucket: leave it to observe()
+        total = sum(taken)
+        if total != total:  # a NaN among them (in no bucket): observe() each, as it would
+            for amount in taken:
                 self._observe(amount)
-                continue
-            # The first bound >= amount: what observe()'s "amount <= bound" scan finds.
-            per_bucket[bisect_left(bounds, amount)] += 1
-            total += amount
+            return
         add_to_sum(total)
-        for inc, n in zip(bucket_incs, per_bucket, strict=True):
-            if n:
-                inc(n)
+        # Sorted, each bucket's count is one binary search away: ~4x faster than finding
+        # every observation's bucket in a Python loop. observe() counts an amount in the
+        # first bucket whose bound is >= it, i.e. amounts <= bound: bisect_right.
+        taken.sort()
+        done = 0
+        for inc, bound in zip(bucket_incs, bounds, strict=True):
+            upto = bisect_right(taken, bound, done)
+            if upto > done:
+                inc(upto - done)
+                done = upto
+                if done == count:
+                    break
 
 
 class _Histogram(Histogram):
