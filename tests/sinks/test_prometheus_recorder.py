@@ -55,10 +55,11 @@ def _samples(registry: CollectorRegistry, name: str) -> dict[tuple[str, str], fl
     }
 
 
-@settings(max_examples=60, deadline=None)
-@given(values=durations)
-@example(values=[0.0005 * (n % 7) for n in range(1, 300)])  # several buffer flushes
-def test_histogram_recorder_matches_record(values: list[float]) -> None:
+def _recorded_both_ways(
+    values: list[float],
+) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """The duration histogram's samples after *values* went through a bound recorder, and
+    after they went through ``Dispatcher.record``."""
     bound_registry, plain_registry = CollectorRegistry(), CollectorRegistry()
     bound = Sentinel(registry=bound_registry, loop_monitor=False, sqlalchemy=False)
     plain = Sentinel(registry=plain_registry, loop_monitor=False, sqlalchemy=False)
@@ -67,39 +68,33 @@ def test_histogram_recorder_matches_record(values: list[float]) -> None:
         for value in values:
             record(value)
             plain.dispatcher.record(DB_OPERATION_DURATION, value, LABELS)
-        bound_samples = _samples(bound_registry, DURATION)
-        plain_samples = _samples(plain_registry, DURATION)
-        total = (f"{DURATION}_sum", "")
-        # Buffered observations are summed before being added: the same total up to rounding.
-        assert math.isclose(bound_samples.pop(total), plain_samples.pop(total), abs_tol=1e-9)
-        assert bound_samples == plain_samples  # every bucket and the count: exactly
+        return _samples(bound_registry, DURATION), _samples(plain_registry, DURATION)
     finally:
         bound.close()
         plain.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=durations)
+@example(values=[0.0005 * (n % 7) for n in range(1, 300)])  # several buffer flushes
+def test_histogram_recorder_matches_record(values: list[float]) -> None:
+    bound_samples, plain_samples = _recorded_both_ways(values)
+    total = (f"{DURATION}_sum", "")
+    # Buffered observations are summed before being added: the same total up to rounding.
+    assert math.isclose(bound_samples.pop(total), plain_samples.pop(total), abs_tol=1e-9)
+    assert bound_samples == plain_samples  # every bucket and the count: exactly
 
 
 def test_a_nan_duration_is_recorded_as_observe_records_it() -> None:
     """NaN is in no bucket: a buffered batch holding one still counts every bucket exactly."""
     values = [0.003 * (n % 11) for n in range(100)]
     values[40] = math.nan
-    bound_registry, plain_registry = CollectorRegistry(), CollectorRegistry()
-    bound = Sentinel(registry=bound_registry, loop_monitor=False, sqlalchemy=False)
-    plain = Sentinel(registry=plain_registry, loop_monitor=False, sqlalchemy=False)
-    try:
-        record = bound.dispatcher.recorder(DB_OPERATION_DURATION, LABELS)
-        for value in values:
-            record(value)
-            plain.dispatcher.record(DB_OPERATION_DURATION, value, LABELS)
-        bound_samples = _samples(bound_registry, DURATION)
-        plain_samples = _samples(plain_registry, DURATION)
-        total = (f"{DURATION}_sum", "")
-        assert math.isnan(bound_samples.pop(total)) and math.isnan(plain_samples.pop(total))
-        assert bound_samples == plain_samples
-        # prometheus_client's count is its +Inf bucket, where NaN is not: 99 of 100.
-        assert bound_samples[(f"{DURATION}_count", "")] == 99
-    finally:
-        bound.close()
-        plain.close()
+    bound_samples, plain_samples = _recorded_both_ways(values)
+    total = (f"{DURATION}_sum", "")
+    assert math.isnan(bound_samples.pop(total)) and math.isnan(plain_samples.pop(total))
+    assert bound_samples == plain_samples
+    # prometheus_client's count is its +Inf bucket, where NaN is not: 99 of 100.
+    assert bound_samples[(f"{DURATION}_count", "")] == 99
 
 
 def test_every_scrape_sees_every_observation(
