@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -392,6 +394,46 @@ async def test_active_requests_counts_in_flight_requests(
         release.set()
         assert (await task).status_code == 200
     assert sample(registry, "http_server_active_requests", http_request_method="POST") == 0
+
+
+def test_active_requests_stay_exact_when_requests_run_in_several_threads(
+    make_sentinel: Callable[..., Sentinel],
+    registry: CollectorRegistry,
+) -> None:
+    """Apps that run an event loop per thread start and end requests concurrently: the level
+    must come back to exactly 0, never lose a start or an end, and never go below 0."""
+    sentinel = make_sentinel(loop_monitor=False, sqlalchemy=False)
+    scope = {"type": "http", "method": "PUT", "path": "/x", "root_path": ""}
+    start = threading.Barrier(4)
+    levels: list[float] = []
+
+    def level() -> float:
+        return sample(registry, "http_server_active_requests", http_request_method="PUT")
+
+    def work() -> None:
+        start.wait()
+        for _ in range(3000):
+            state = sentinel.begin_request(scope)
+            assert state is not None
+            sentinel.end_request(state, None)
+
+    saved = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        threads = [threading.Thread(target=work) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        start.wait()
+        while any(t.is_alive() for t in threads):
+            levels.append(level())
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(saved)
+    assert all(0 <= seen <= 3 for seen in levels), sorted(set(levels))
+    assert level() == 0
+    errors = sample(registry, "asyncsentinel_instrumentation_errors_total", component="middleware")
+    assert errors == 0
 
 
 async def test_metrics_endpoint_serves_the_registry(

@@ -43,42 +43,54 @@ _KNOWN_METHODS = frozenset(
 
 
 class _ActiveRequests:
-    """``http_server_active_requests`` by method: counters the sinks read when they report
+    """``http_server_active_requests`` by method: levels the sinks read when they report
     (:meth:`Dispatcher.level`), so a request pays for no metric update at its start and end;
-    where a sink cannot read levels (multiprocess mode) each change is recorded instead."""
+    where a sink cannot read levels (multiprocess mode) each change is recorded instead.
+
+    A method's level is the length of a list that each request start appends to and each end
+    pops from: both are single, atomic operations, so requests handled in several threads need
+    no lock (a lock and a dictionary update per start and end cost ~0.6 µs per request).
+    """
 
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()  # requests may start and end in several threads
+        self._in_flight: dict[str, list[None]] = {}
+        self._lock = threading.Lock()  # only to create a method's list once
         self._record_changes = False
 
     def started(self, method: str) -> None:
-        with self._lock:
-            count = self.counts.get(method)
-            if count is None:
-                count = self._first(method)
-            self.counts[method] = count + 1
+        in_flight = self._in_flight.get(method)
+        if in_flight is None:
+            in_flight = self._first(method)
+        in_flight.append(None)
         if self._record_changes:
             self._dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, 1, (method,))
 
     def finished(self, method: str) -> None:
-        with self._lock:
-            self.counts[method] -= 1  # started() counted it
+        self._in_flight[method].pop()  # started() made the list and appended to it
         if self._record_changes:
             self._dispatcher.record(HTTP_SERVER_ACTIVE_REQUESTS, -1, (method,))
 
-    def _first(self, method: str) -> int:
+    def count(self, method: str) -> int:
+        """Requests of *method* in flight now."""
+        return len(self._in_flight.get(method, ()))
+
+    def _first(self, method: str) -> list[None]:
+        with self._lock:
+            in_flight = self._in_flight.get(method)
+            if in_flight is not None:
+                return in_flight  # another thread made it meanwhile
+            in_flight = self._in_flight[method] = []
         me = weakref.ref(self)
 
         def read() -> float | None:
             owner = me()
-            return None if owner is None else float(owner.counts.get(method, 0))
+            return None if owner is None else float(owner.count(method))
 
         # Read for as long as the sentinel lives (its middleware may outlive close()).
         if self._dispatcher.level(HTTP_SERVER_ACTIVE_REQUESTS, (method,), read) is None:
             self._record_changes = True
-        return 0
+        return in_flight
 
 
 class Sentinel:
