@@ -15,7 +15,9 @@ interleaved, order rotated every round, as in ``db_overhead.py``):
 
 Both parts measure asyncsentinel as installed and with parts switched off: with the statement
 accounting off (the dialect wrappers still time every statement), and without the statement
-wrappers (pool accounting and the request's begin and end only). Every batch of asyncsentinel
+wrappers (pool accounting and the request's begin and end only); on SQLite inside a request also
+with a minimal request begin and end (a bare request state in the context variable: what the
+full begin and end cost the statements that run after them). Every batch of asyncsentinel
 as installed is checked as in ``db_overhead.py``: every statement, request and checkout counted,
 no internal error.
 
@@ -44,6 +46,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import db_overhead
+from asyncsentinel.context import RequestState, enter_request, exit_request
 from asyncsentinel.sources import sqlalchemy as sqlalchemy_source
 from asyncsentinel.sources import sqlalchemy_dialects
 from common import (
@@ -57,6 +60,7 @@ from common import (
     write_json,
 )
 from db_overhead import (
+    ROUTE,
     ROWS,
     SCENARIOS,
     AsyncSentinelVariant,
@@ -156,6 +160,21 @@ class StatementsNotHooked(_PatchedVariant):
     )
 
 
+class MinimalRequestBracket(AsyncSentinelVariant):
+    """asyncsentinel whose requests are entered without ``begin_request``/``end_request``: a
+    bare request state in the context variable, so the statements are still accounted to a
+    request but nothing else of the request's begin and end runs between them."""
+
+    name = "minimal request begin/end"
+
+    def enter(self) -> Any:
+        state = RequestState("GET", self._scope, lambda scope: ROUTE)
+        return enter_request(state)
+
+    def exit(self, token: Any) -> None:
+        exit_request(token)
+
+
 # --- measuring ----------------------------------------------------------------------------------
 Run = Callable[[Variant, Scenario, int], Timing]
 
@@ -219,8 +238,11 @@ def measure_sqlite(rounds: int, units: int) -> dict[str, Any]:
                 def run(variant: Variant, s: Scenario, n: int, engine: Engine = engine) -> Timing:
                     return run_sync(engine, variant, s, n)
 
+                variants = breakdown_variants()
+                if scenario.in_request:  # what the request's begin and end cost the statements
+                    variants.append(MinimalRequestBracket())
                 results[f"{scenario.name}, {surroundings}"] = paired(
-                    breakdown_variants(), scenario, run, engine, rounds, units
+                    variants, scenario, run, engine, rounds, units
                 )
     finally:
         for engine in engines.values():
