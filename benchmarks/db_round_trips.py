@@ -276,10 +276,6 @@ def measure_postgres(url: str, rounds: int, units: int) -> dict[str, Any]:
     return results
 
 
-def _fmt(summary: dict[str, float]) -> str:
-    return f"{summary['median']:+.2f} [{summary['q1']:+.2f}, {summary['q3']:+.2f}]"
-
-
 def _table(results: dict[str, Any]) -> str:
     rows = []
     for scenario, by_variant in results.items():
@@ -291,8 +287,8 @@ def _table(results: dict[str, Any]) -> str:
                     [
                         f"{scenario} (none: {base:.1f} {unit})",
                         name,
-                        _fmt(figures["added_wall_us"]),
-                        _fmt(figures["added_cpu_us"]),
+                        db_overhead._fmt(figures["added_wall_us"]),
+                        db_overhead._fmt(figures["added_cpu_us"]),
                     ]
                 )
     return markdown_table(["scenario", "variant", "added wall [IQR]", "added CPU [IQR]"], rows)
