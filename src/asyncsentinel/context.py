@@ -57,7 +57,6 @@ class RequestState:
 
     def freeze(self) -> None:
         """Mark the request finished and pin its route; drop the scope to bound memory."""
-        _ = self.route
         self.finished = True
         if self._route is None:
             self._route = self.resolve_route(self.scope)
